@@ -1,0 +1,231 @@
+"""The `pantherseg` command: `synth` makes phantoms, `predict` segments, `evaluate` scores.
+
+Each subcommand turns an expected failure (bad input, unreadable file) into one line on stderr and
+exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pantherseg import __version__
+from pantherseg.io import ImageError
+
+
+def _add_synth(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "synth",
+        help="generate synthetic PANTHER-like phantoms with labels",
+        description="Writes ImagesTr/ and LabelsTr/ in the PANTHER layout, plus phantoms.json.",
+    )
+    p.add_argument("out", type=Path, help="output folder (created)")
+    p.add_argument("-n", "--cases", type=int, default=10, help="number of cases (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--task", choices=["task1", "task2"], default="task1")
+    p.add_argument(
+        "--size",
+        choices=["full", "small"],
+        default="full",
+        help="'small' makes coarse, tiny volumes for fast tests",
+    )
+    p.add_argument("--first-id", type=int, default=10000, help="id of the first case")
+    p.set_defaults(run=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from pantherseg.synthetic import write_dataset
+
+    infos = write_dataset(
+        args.out, args.cases, seed=args.seed, task=args.task, size=args.size, first_id=args.first_id
+    )
+    print(f"wrote {len(infos)} {args.task} phantoms to {args.out}")
+    return 0
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score prediction folders against ground truth with the challenge's metrics",
+        description=(
+            "Matches cases by id, checks grids, scores Dice, surface Dice, HD95, MASD and tumor "
+            "burden, writes metrics.csv and summary.json, and ranks several folders the "
+            "challenge's way."
+        ),
+    )
+    p.add_argument(
+        "--pred", type=Path, nargs="+", required=True, help="one or more folders of predicted masks"
+    )
+    p.add_argument("--gt", type=Path, required=True, help="folder of ground-truth labels")
+    p.add_argument(
+        "--names", nargs="+", help="a name per prediction folder (default: folder names)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("evaluation"),
+        help="where metrics.csv and summary.json go (default ./evaluation)",
+    )
+    p.add_argument(
+        "--convention",
+        choices=["zyx", "xyz", "both"],
+        default="zyx",
+        help="spacing order: zyx is correct, xyz reproduces the organisers' script",
+    )
+    p.add_argument("--tolerance", type=float, default=5.0, help="surface Dice tolerance in mm")
+    p.add_argument("--jobs", type=int, default=1, help="cases scored in parallel")
+    p.add_argument("--report", type=Path, help="also write an HTML report with images here")
+    p.add_argument(
+        "--images", type=Path, help="folder of the input images, for the report's overlays"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-case table")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _method_names(pred_dirs: Sequence[Path], names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        if len(names) != len(pred_dirs):
+            raise ValueError(f"--names has {len(names)} names for {len(pred_dirs)} --pred folders")
+        chosen = list(names)
+    else:
+        chosen = [d.resolve().name for d in pred_dirs]
+        if len(set(chosen)) < len(chosen):
+            chosen = [f"{d.resolve().parent.name}/{d.resolve().name}" for d in pred_dirs]
+    if len(set(chosen)) < len(chosen):
+        raise ValueError(f"method names must differ, got {chosen}; use --names")
+    return chosen
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from pantherseg import evaluate
+
+    conventions = ["zyx", "xyz"] if args.convention == "both" else [args.convention]
+    if args.tolerance <= 0:
+        raise ValueError(f"--tolerance must be positive, got {args.tolerance}")
+    names = _method_names(args.pred, args.names)
+    evaluations = [
+        evaluate.evaluate_folder(
+            pred,
+            args.gt,
+            name,
+            conventions,
+            args.tolerance,
+            jobs=max(1, args.jobs),
+            progress=not args.quiet,
+        )
+        for pred, name in zip(args.pred, names, strict=True)
+    ]
+    evaluate.write_results(evaluations, args.out, args.tolerance)
+    for evaluation in evaluations:
+        if not args.quiet:
+            print(f"\n{evaluation.name} ({evaluation.pred_dir})")
+            print(evaluate.format_case_table(evaluation, conventions[0]))
+        for line in evaluation.problems():
+            print(f"warning: {evaluation.name}: {line}", file=sys.stderr)
+    for convention in conventions:
+        print()
+        print(evaluate.format_summary_table(evaluations, convention))
+    print(f"\nper-case metrics: {args.out / 'metrics.csv'}\nsummary: {args.out / 'summary.json'}")
+    if args.report:
+        from pantherseg.report import write_report
+
+        page = write_report(
+            evaluations, args.report, images_dir=args.images, convention=conventions[0]
+        )
+        print(f"report: {page}")
+    return 0
+
+
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="segment image files or folders of images with an exported model",
+        description="Runs the container's inference path on each image; one mask per image.",
+    )
+    p.add_argument("inputs", type=Path, nargs="+", help="image files or folders of images")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder for the masks")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=Path("model"),
+        help="folder with plan.json and the ONNX folds (default ./model)",
+    )
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
+    p.set_defaults(run=_run_predict)
+
+
+def _collect_images(inputs: Sequence[Path]) -> list[Path]:
+    from pantherseg.io import list_images, strip_image_suffix
+
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files.extend(list_images(item).values())
+        elif item.is_file() and strip_image_suffix(item.name):
+            files.append(item)
+        else:
+            raise ImageError(f"{item}: neither an image file nor a folder")
+    if not files:
+        raise ImageError(f"no image files in {', '.join(map(str, inputs))}")
+    stems = [strip_image_suffix(f.name) for f in files]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise ImageError(f"several inputs would write the same mask: {', '.join(repeated)}")
+    return files
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import logging
+
+    from tqdm import tqdm
+
+    from pantherseg.engines import EngineError
+    from pantherseg.io import strip_image_suffix
+    from pantherseg.pipeline import Segmenter, segment_file
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    files = _collect_images(args.inputs)
+    try:
+        segmenter = Segmenter.from_model_dir(args.model, device=args.device, threads=args.threads)
+    except EngineError as error:
+        raise ValueError(str(error)) from None
+    print(f"model: {segmenter.description}")
+    failures = []
+    for path in tqdm(files, desc="segmenting", unit="case"):
+        target = args.output / f"{strip_image_suffix(path.name)}.mha"
+        try:
+            segment_file(segmenter, path, target)
+        except (ImageError, ValueError) as error:
+            failures.append(f"{path}: {error}")
+            tqdm.write(f"failed: {path}: {error}", file=sys.stderr)
+    print(f"{len(files) - len(failures)} of {len(files)} masks written to {args.output}")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pantherseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pantherseg {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_synth(subparsers)
+    _add_evaluate(subparsers)
+    _add_predict(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ImageError, ValueError, OSError) as error:
+        print(f"pantherseg {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pantherseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

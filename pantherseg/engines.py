@@ -1,0 +1,214 @@
+"""ONNX networks as predictors for the sliding window, through onnxruntime.
+
+Inference needs no torch: training exports each network to ONNX, and this module runs it on
+whatever accelerator is really present. onnxruntime silently falls back to the CPU when CUDA
+libraries are missing, which turns a one-minute job into an hour; so the provider in use is
+checked after the session is created, logged, and a CUDA request that did not take is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+logger = logging.getLogger("pantherseg")
+
+DEVICES = ("auto", "cuda", "cpu")
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_GPU_PROVIDERS = (TENSORRT, CUDA)
+_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class EngineError(RuntimeError):
+    """A network that cannot be loaded or run as asked, with the file and the problem named."""
+
+
+def select_providers(device: str, available: Sequence[str]) -> list[str | tuple[str, dict]]:
+    """The execution providers to request, best first, for a device choice.
+
+    'auto' takes the fastest present (TensorRT in fp16 with an engine cache, because building a
+    TensorRT engine takes minutes; then CUDA; then CPU); 'cuda' refuses to run on the CPU;
+    'cpu' never touches a GPU (reproducible tests, machines with a busy GPU).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return [CPU]
+    providers: list[str | tuple[str, dict]] = []
+    if TENSORRT in available:
+        cache = Path(tempfile.gettempdir()) / "pantherseg-tensorrt-cache"
+        options = {
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+        }
+        providers.append((TENSORRT, options))
+    if CUDA in available:
+        providers.append(CUDA)
+    if device == "cuda":
+        if not providers:
+            raise EngineError(
+                "CUDA was requested but is not active: this onnxruntime build has no CUDA provider "
+                f"(available: {', '.join(available) or 'none'}); install onnxruntime-gpu"
+            )
+        return providers  # onnxruntime adds the CPU itself for operators the GPU lacks
+    return [*providers, CPU]
+
+
+class OnnxEngine:
+    """One ONNX network as a Predictor: (B, C, *patch) float32 -> (B, K, *patch) float32."""
+
+    provider: str
+    input_name: str
+    output_name: str
+    patch_size: tuple[int, int, int] | None
+    in_channels: int
+
+    def __init__(self, model_path: Path, device: str = "auto", threads: int | None = None) -> None:
+        self.model_path = Path(model_path)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be a positive integer or None, got {threads}")
+        if device not in DEVICES:
+            raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        if not self.model_path.is_file():
+            raise EngineError(f"{self.model_path}: model file not found")
+        try:
+            providers = select_providers(device, ort.get_available_providers())
+        except EngineError as error:
+            raise EngineError(f"{self.model_path}: {error}") from None
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(self.model_path), sess_options=options, providers=providers
+            )
+        except Exception as error:  # onnxruntime's own exception types are not public
+            raise EngineError(f"{self.model_path}: cannot load the model: {error}") from error
+
+        active = self.session.get_providers()
+        self.provider = active[0]
+        if device == "cuda" and not any(p in active for p in _GPU_PROVIDERS):
+            raise EngineError(
+                f"{self.model_path}: CUDA was requested but is not active; onnxruntime fell back "
+                f"to {', '.join(active)}. {_why_no_cuda()}"
+            )
+        self._read_signature()
+        logger.info("ONNX model %s running on %s", self.model_path, self.provider)
+
+    def _read_signature(self) -> None:
+        """Refuse models this pipeline cannot feed, at load time rather than mid-case."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(outputs) != 1:
+            names = ", ".join(o.name for o in outputs)
+            raise EngineError(
+                f"{self.model_path}: the model has {len(outputs)} outputs ({names}); exactly one "
+                "(the logits) is required; export with deep supervision off"
+            )
+        if len(inputs) != 1:
+            names = ", ".join(i.name for i in inputs)
+            raise EngineError(
+                f"{self.model_path}: the model has {len(inputs)} inputs ({names}); exactly one is "
+                "required"
+            )
+        model_input, model_output = inputs[0], outputs[0]
+        shape = list(model_input.shape)
+        if len(shape) != 5:
+            raise EngineError(
+                f"{self.model_path}: the model input {model_input.name!r} has shape {shape}; a 5D "
+                "(batch, channels, z, y, x) input is required"
+            )
+        if model_output.shape is not None and len(model_output.shape) != 5:
+            raise EngineError(
+                f"{self.model_path}: the model output has shape {list(model_output.shape)}; a 5D "
+                "(batch, classes, z, y, x) output is required"
+            )
+        if model_input.type not in _INPUT_DTYPES:
+            raise EngineError(
+                f"{self.model_path}: the model input has type {model_input.type}; float or float16 "
+                "is required"
+            )
+        if not _is_static(shape[1]):
+            raise EngineError(
+                f"{self.model_path}: the model's channel dimension is dynamic ({shape[1]!r}); it "
+                "must be fixed"
+            )
+        self.input_name = model_input.name
+        self.output_name = model_output.name
+        self._input_dtype = _INPUT_DTYPES[model_input.type]
+        self.in_channels = int(shape[1])
+        spatial = shape[2:]
+        self.patch_size = (
+            tuple(int(s) for s in spatial) if all(_is_static(s) for s in spatial) else None
+        )  # type: ignore[assignment]
+        # A batch dimension fixed at n (often 1 from a careless export) is served n at a time.
+        self._fixed_batch = int(shape[0]) if _is_static(shape[0]) else None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a batch of patches, float32 whatever the model computes in."""
+        batch = np.asarray(batch)
+        if batch.ndim != 5 or batch.shape[1] != self.in_channels or batch.shape[0] < 1:
+            raise ValueError(
+                f"{self.model_path.name}: got a batch of shape {batch.shape}; expected "
+                f"(B, {self.in_channels}, z, y, x) with B >= 1"
+            )
+        if self.patch_size is not None and tuple(batch.shape[2:]) != self.patch_size:
+            raise ValueError(
+                f"{self.model_path.name}: got patches of {tuple(batch.shape[2:])}; the model takes "
+                f"{self.patch_size}"
+            )
+        batch = np.ascontiguousarray(batch, dtype=self._input_dtype)
+        step = self._fixed_batch
+        if step is None or step == batch.shape[0]:
+            return self._run(batch)
+        outputs = []
+        for start in range(0, batch.shape[0], step):
+            part = batch[start : start + step]
+            n = part.shape[0]
+            if n < step:  # zero-fill the last, short chunk; its extra outputs are dropped
+                part = np.concatenate([part, np.zeros((step - n, *part.shape[1:]), part.dtype)])
+            outputs.append(self._run(part)[:n])
+        return np.concatenate(outputs)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            (out,) = self.session.run([self.output_name], {self.input_name: batch})
+        except Exception as error:
+            raise EngineError(
+                f"{self.model_path}: inference failed on a batch of shape {batch.shape} "
+                f"({self.provider}): {error}"
+            ) from error
+        return np.asarray(out, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"OnnxEngine({str(self.model_path)!r}, provider={self.provider!r})"
+
+
+def _is_static(dim: object) -> bool:
+    """onnxruntime reports a fixed dimension as an int and a dynamic one as a name or None."""
+    return isinstance(dim, int) and dim > 0
+
+
+def _why_no_cuda() -> str:
+    """The likeliest reason the CUDA provider did not load, for the error message."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU."
+    if CUDA not in ort.get_available_providers():
+        return "This onnxruntime build has no CUDA provider; install onnxruntime-gpu."
+    return (
+        "Usually the CUDA or cuDNN libraries that this onnxruntime build needs are missing, or no "
+        "GPU is visible; onnxruntime's warning above names the library that failed to load."
+    )

@@ -1,0 +1,170 @@
+"""One case from image to mask: preprocess, sliding window over the fold ensemble, map the tumor
+probability back, post-process. Reading and writing files stays with the callers (`process.py`,
+`pantherseg predict`), which share `segment_file`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pantherseg.io import check_inference_image, read_image, write_mask
+from pantherseg.plan import Plan, fold_paths, load_plan
+from pantherseg.postprocess import PostprocessReport, postprocess
+from pantherseg.preprocess import preprocess, restore
+from pantherseg.sliding_window import Predictor, averaged, mirrored, sliding_window_predict
+
+log = logging.getLogger("pantherseg")
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per stage, in the order the stages ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def summary(self) -> str:
+        total = sum(self.seconds.values())
+        parts = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+        return f"{parts}; total {total:.2f}s"
+
+
+@dataclass
+class Segmentation:
+    mask: np.ndarray  # uint8 {0, 1} on the input grid
+    report: PostprocessReport
+    timings: Timings
+
+
+def class_probabilities(
+    logits: np.ndarray, plan: Plan, wanted: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Per-class probabilities from the network's averaged logits (K, Z, Y, X), only for the
+    classes asked for, so that no full multi-class probability array is kept."""
+    classes = plan.inference.classes
+    if logits.shape[0] != len(classes):
+        raise ValueError(
+            f"the network gives {logits.shape[0]} output channels, the plan names {len(classes)} "
+            f"classes {classes}"
+        )
+    out = {}
+    if plan.inference.activation == "sigmoid":
+        out["tumor"] = 1.0 / (1.0 + np.exp(-logits[0]))
+        return out
+    peak = logits.max(axis=0)
+    denominator = np.exp(logits - peak).sum(axis=0)
+    for name in wanted:
+        out[name] = np.exp(logits[classes.index(name)] - peak) / denominator
+    return out
+
+
+class Segmenter:
+    """A loaded model: the plan and its fold predictors, ready to segment any number of cases."""
+
+    def __init__(self, plan: Plan, folds: Sequence[Predictor], description: str = "") -> None:
+        if not folds:
+            raise ValueError("a model needs at least one fold")
+        self.plan = plan
+        self.description = description
+        ensemble = averaged(list(folds)) if len(folds) > 1 else folds[0]
+        axes = plan.inference.mirror_axes
+        self.predictor = mirrored(ensemble, axes) if axes else ensemble
+
+    @classmethod
+    def from_model_dir(
+        cls, model_dir: Path, device: str = "auto", threads: int | None = None
+    ) -> Segmenter:
+        """Loads and checks the plan and every fold's ONNX weights."""
+        from pantherseg.engines import EngineError, OnnxEngine
+
+        plan = load_plan(model_dir)
+        engines = [
+            OnnxEngine(path, device=device, threads=threads) for path in fold_paths(plan, model_dir)
+        ]
+        for engine, path in zip(engines, fold_paths(plan, model_dir), strict=True):
+            if engine.patch_size not in (None, plan.inference.patch_size_zyx):
+                raise EngineError(
+                    f"{path}: the network takes patches of {engine.patch_size}, the plan says "
+                    f"{plan.inference.patch_size_zyx}"
+                )
+            if engine.in_channels != 1:
+                raise EngineError(f"{path}: the network takes {engine.in_channels} channels, not 1")
+        providers = sorted({engine.provider for engine in engines})
+        description = f"{len(engines)} fold(s) from {model_dir} on {', '.join(providers)}"
+        return cls(plan, engines, description)
+
+    def segment(
+        self,
+        image: np.ndarray,
+        spacing_zyx: Sequence[float],
+        progress: bool = False,
+        timings: Timings | None = None,
+    ) -> Segmentation:
+        """The tumor mask of one image given as a (z, y, x) float32 array."""
+        timings = timings or Timings()
+        plan = self.plan
+        with timings.stage("preprocess"):
+            data, record = preprocess(image, spacing_zyx, plan.preprocessing)
+        with timings.stage("network"):
+            logits = sliding_window_predict(
+                data[np.newaxis],
+                self.predictor,
+                plan.inference.patch_size_zyx,
+                step_fraction=plan.inference.tile_step,
+                batch_size=plan.inference.batch_size,
+                progress=progress,
+            )
+        del data
+        guided = plan.postprocessing.pancreas_guidance.enabled
+        wanted = ["tumor", "pancreas"] if guided else ["tumor"]
+        with timings.stage("restore"):
+            probabilities = class_probabilities(logits, plan, wanted)
+            del logits
+            restored = {
+                name: restore(p, record, plan.preprocessing.resampling)
+                for name, p in probabilities.items()
+            }
+        with timings.stage("postprocess"):
+            mask, report = postprocess(
+                restored["tumor"], spacing_zyx, plan.postprocessing, restored.get("pancreas")
+            )
+        return Segmentation(mask, report, timings)
+
+
+def segment_file(
+    segmenter: Segmenter, input_path: Path, output_path: Path, progress: bool = False
+) -> Segmentation:
+    """Reads, checks, segments and writes one case; logs the time of each stage."""
+    timings = Timings()
+    with timings.stage("read"):
+        image = read_image(input_path)
+        array = check_inference_image(image, input_path)
+    spacing_zyx = tuple(reversed(image.GetSpacing()))
+    result = segmenter.segment(array, spacing_zyx, progress=progress, timings=timings)
+    with timings.stage("write"):
+        write_mask(result.mask, image, output_path)
+    voxels = int(result.mask.sum())
+    log.info(
+        "%s: %d tumor voxels (%.2f mL) in %d component(s)%s; %s",
+        input_path.name,
+        voxels,
+        voxels * float(np.prod(spacing_zyx)) / 1000,
+        result.report.kept or (1 if result.report.fallback else 0),
+        f" [{result.report.fallback}]" if result.report.fallback else "",
+        timings.summary(),
+    )
+    return result

@@ -1,0 +1,201 @@
+"""Preprocessing and its inverse: the one implementation that training and inference share.
+
+Forward: crop to the image's nonzero box, normalise intensities, resample to the plan's spacing.
+Every step is recorded, so that `restore` maps a network output on the resampled grid back onto
+the input's exact voxel grid. Arrays stay in the file's (z, y, x) order: nothing is reoriented.
+
+Resampling is written on scipy.ndimage.zoom rather than SimpleITK because the anisotropic case
+needs different interpolation orders per axis (smooth in-plane, nearest or linear across thick
+slices), which a single SimpleITK resampler cannot do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from pantherseg.plan import Normalization, Preprocessing, Resampling
+
+
+@dataclass(frozen=True)
+class PreprocessRecord:
+    """What `preprocess` did to one image, enough to undo it."""
+
+    original_shape: tuple[int, int, int]
+    crop_start: tuple[int, int, int]
+    crop_stop: tuple[int, int, int]
+    original_spacing_zyx: tuple[float, float, float]
+    target_spacing_zyx: tuple[float, float, float]
+    resampled_shape: tuple[int, int, int]
+
+    @property
+    def crop(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in zip(self.crop_start, self.crop_stop, strict=True))
+
+    @property
+    def cropped_shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in zip(self.crop_start, self.crop_stop, strict=True))
+
+
+def nonzero_box(image: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Start and stop of the smallest box holding every nonzero voxel (the whole image if none)."""
+    starts, stops = [], []
+    for axis in range(image.ndim):
+        others = tuple(a for a in range(image.ndim) if a != axis)
+        hits = np.flatnonzero(np.any(image != 0, axis=others))
+        if hits.size == 0:
+            return (0,) * image.ndim, tuple(image.shape)
+        starts.append(int(hits[0]))
+        stops.append(int(hits[-1]) + 1)
+    return tuple(starts), tuple(stops)
+
+
+def normalize(image: np.ndarray, settings: Normalization) -> np.ndarray:
+    """Per-image z-score after optional percentile clipping, as float32.
+
+    With `nonzero_only` the statistics come from the body (nonzero voxels) and the background
+    stays 0, so that a large empty field of view does not dilute them.
+    """
+    if settings.scheme != "zscore":
+        raise ValueError(f"unknown normalisation scheme {settings.scheme!r}")
+    data = image.astype(np.float32, copy=True)
+    inside = data != 0 if settings.nonzero_only else None
+    sample = data[inside] if inside is not None else data.ravel()
+    if sample.size == 0:
+        sample = data.ravel()
+    if settings.clip_percentiles is not None:
+        low, high = np.percentile(sample, settings.clip_percentiles)
+        np.clip(data, low, high, out=data)
+        sample = np.clip(sample, low, high)
+    mean = float(sample.mean(dtype=np.float64))
+    std = float(sample.std(dtype=np.float64))
+    data -= mean
+    data /= max(std, 1e-8)
+    if inside is not None:
+        data[~inside] = 0.0
+    return data
+
+
+def resampled_shape(
+    shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]
+) -> tuple[int, int, int]:
+    """The grid size that covers the same extent at the target spacing (at least one voxel)."""
+    return tuple(
+        max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target_spacing, strict=True)
+    )
+
+
+def through_plane_axis(
+    spacing: Sequence[float], target_spacing: Sequence[float], threshold: float
+) -> int | None:
+    """The thick-slice axis when either grid is anisotropic beyond `threshold`, else None."""
+    for grid in (spacing, target_spacing):
+        if max(grid) / min(grid) > threshold:
+            return int(np.argmax(spacing))
+    return None
+
+
+def _zoom_axes(array: np.ndarray, new_shape: Sequence[int], axes: Sequence[int], order: int):
+    factors = [1.0] * array.ndim
+    for axis in axes:
+        factors[axis] = new_shape[axis] / array.shape[axis]
+    if all(f == 1.0 for f in factors):
+        return array
+    # grid_mode aligns the outer voxel edges, so the physical extent is kept exactly.
+    out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+    expected = tuple(new_shape[a] if a in axes else array.shape[a] for a in range(array.ndim))
+    if out.shape != expected:  # zoom rounds its output size; it must be the one asked for
+        raise RuntimeError(f"resampling produced {out.shape}, expected {expected}")
+    return out
+
+
+def resample(
+    array: np.ndarray,
+    new_shape: Sequence[int],
+    order: int,
+    through_plane: int | None = None,
+    through_plane_order: int = 0,
+) -> np.ndarray:
+    """Resamples a 3D array to `new_shape`, separately across the thick-slice axis if given."""
+    new_shape = tuple(int(n) for n in new_shape)
+    if tuple(array.shape) == new_shape:
+        return array
+    if through_plane is None:
+        return _zoom_axes(array, new_shape, (0, 1, 2), order)
+    in_plane = tuple(a for a in range(3) if a != through_plane)
+    array = _zoom_axes(array, new_shape, in_plane, order)
+    return _zoom_axes(array, new_shape, (through_plane,), through_plane_order)
+
+
+def preprocess(
+    image: np.ndarray, spacing_zyx: Sequence[float], settings: Preprocessing
+) -> tuple[np.ndarray, PreprocessRecord]:
+    """Network input (float32, on the target grid) and the record to map outputs back."""
+    if image.ndim != 3:
+        raise ValueError(f"expected a 3D array, got shape {image.shape}")
+    start, stop = nonzero_box(image) if settings.crop_to_nonzero else ((0, 0, 0), image.shape)
+    cropped = image[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+    record = PreprocessRecord(
+        original_shape=tuple(int(s) for s in image.shape),
+        crop_start=tuple(int(a) for a in start),
+        crop_stop=tuple(int(b) for b in stop),
+        original_spacing_zyx=tuple(float(s) for s in spacing_zyx),
+        target_spacing_zyx=tuple(float(s) for s in settings.target_spacing_zyx),
+        resampled_shape=resampled_shape(cropped.shape, spacing_zyx, settings.target_spacing_zyx),
+    )
+    rs = settings.resampling
+    thick = through_plane_axis(
+        record.original_spacing_zyx, record.target_spacing_zyx, rs.anisotropy_threshold
+    )
+    normalized = normalize(cropped, settings.normalization)
+    data = resample(
+        normalized, record.resampled_shape, rs.image_order, thick, rs.through_plane_order
+    )
+    return data.astype(np.float32, copy=False), record
+
+
+def preprocess_label(label: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+    """A label map on the same grid as `preprocess`'s image output.
+
+    Each label is resampled as a linear indicator and the largest wins, which keeps small
+    structures' boundaries where nearest-neighbour resampling would shift them by up to a voxel.
+    """
+    if tuple(label.shape) != record.original_shape:
+        raise ValueError(f"label shape {label.shape} differs from image {record.original_shape}")
+    cropped = label[record.crop]
+    if tuple(cropped.shape) == record.resampled_shape:
+        return cropped.copy()
+    values = [int(v) for v in np.unique(cropped)]
+    best = np.full(record.resampled_shape, 0.5, dtype=np.float32)  # a label needs > 0.5 to win
+    out = np.zeros(record.resampled_shape, dtype=label.dtype)
+    for value in values:
+        if value == 0:
+            continue
+        indicator = resample((cropped == value).astype(np.float32), record.resampled_shape, 1)
+        wins = indicator > best
+        out[wins] = value
+        best[wins] = indicator[wins]
+    return out
+
+
+def restore(
+    probability: np.ndarray, record: PreprocessRecord, resampling: Resampling
+) -> np.ndarray:
+    """A probability map on the resampled grid, back on the input's full grid (zero outside the
+    crop), as float32. Probabilities vary smoothly, so one interpolation order serves all axes."""
+    if tuple(probability.shape) != record.resampled_shape:
+        raise ValueError(
+            f"probability shape {probability.shape} differs from the preprocessed grid "
+            f"{record.resampled_shape}"
+        )
+    back = resample(
+        probability.astype(np.float32, copy=False),
+        record.cropped_shape,
+        resampling.probability_order,
+    )
+    full = np.zeros(record.original_shape, dtype=np.float32)
+    full[record.crop] = np.clip(back, 0.0, 1.0)
+    return full

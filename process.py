@@ -1,0 +1,97 @@
+"""Container entrypoint: segment the pancreatic tumor in the job's one MRI image.
+
+Reads /input (inputs.json, else images/*mri*/), writes exactly one uint8 mask to
+/output/images/pancreatic-tumor-segmentation/<input name>.mha, and exits 0. On any failure it
+prints one line on stderr, exits non-zero, and leaves no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from pantherseg.grand_challenge import find_input_image, output_mask_path
+from pantherseg.pipeline import Segmenter, segment_file
+from pantherseg.plan import PLAN_FILE
+
+GRAND_CHALLENGE_MODEL = Path("/opt/ml/model")
+BAKED_MODEL = Path(__file__).resolve().parent / "model"
+
+
+def default_model_dir() -> Path:
+    """Uploaded weights (extracted by grand-challenge to /opt/ml/model) win over baked ones."""
+    if (GRAND_CHALLENGE_MODEL / PLAN_FILE).is_file():
+        return GRAND_CHALLENGE_MODEL
+    return BAKED_MODEL
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", type=Path, default=Path("/input"), help="default /input")
+    parser.add_argument("--output", type=Path, default=Path("/output"), help="default /output")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help=f"model folder (default {GRAND_CHALLENGE_MODEL} if it holds a plan, "
+        f"else {BAKED_MODEL})",
+    )
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
+    parser.add_argument("--traceback", action="store_true", help="print tracebacks of failures")
+    return parser.parse_args(argv)
+
+
+def _check_writable(folder: Path) -> None:
+    """Fails before the expensive work if the mask could not be written anyway."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"{folder}: cannot create the output folder ({error.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise OSError(f"{folder}: output folder is not writable")
+
+
+def run(args: argparse.Namespace) -> Path:
+    case = find_input_image(args.input)
+    output = output_mask_path(args.output, case.path)
+    _check_writable(output.parent)
+    model_dir = args.model or default_model_dir()
+    segmenter = Segmenter.from_model_dir(model_dir, device=args.device, threads=args.threads)
+    logging.getLogger("pantherseg").info(
+        "input %s (%s); model: %s", case.path, case.socket, segmenter.description
+    )
+    if segmenter.plan.input_socket != case.socket:
+        logging.getLogger("pantherseg").warning(
+            "the model was trained for %s, the input comes from %s",
+            segmenter.plan.input_socket,
+            case.socket,
+        )
+    segment_file(segmenter, case.path, output)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Progress goes to stdout: grand-challenge marks anything on stderr as a warning.
+    logging.basicConfig(
+        stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    try:
+        output = run(args)
+    except Exception as error:  # every failure must become one line and a non-zero exit
+        if args.traceback:
+            traceback.print_exc()
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"process.py: error: {message}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Building SimpleITK images with a chosen geometry, for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def make_image(
+    array: np.ndarray,
+    spacing_xyz=(1.25, 1.25, 3.0),
+    origin=(10.0, -5.0, 2.0),
+    direction=IDENTITY,
+) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in spacing_xyz))
+    image.SetOrigin(tuple(float(o) for o in origin))
+    image.SetDirection(tuple(float(d) for d in direction))
+    return image
+
+
+def write_image(path: Path, array: np.ndarray, **geometry) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(make_image(array, **geometry), str(path), useCompression=True)
+    return path
+
+
+def rotation(axis, degrees: float) -> tuple[float, ...]:
+    """An oblique direction matrix: a rotation about `axis`, row-major as SimpleITK wants."""
+    axis = np.asarray(axis, dtype=np.float64)
+    axis /= np.linalg.norm(axis)
+    angle = np.radians(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    matrix = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    return tuple(matrix.ravel())
