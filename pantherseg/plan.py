@@ -149,8 +149,9 @@ def _build(cls: type, values: dict, where: Path, name: str, **converted: Any):
         raise PlanError(f"{where}: {name}: {error}") from None
 
 
-def plan_from_json(data: dict[str, Any], where: Path) -> Plan:
-    """Validates a parsed plan; `where` names the file in errors."""
+def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True) -> Plan:
+    """Validates a parsed plan; `where` names the file in errors. Training plans its
+    preprocessing before any weights exist, so it may ask for a plan without folds."""
     _require(isinstance(data, dict), where, "a plan must be a JSON object")
     _require(data.get("format") == PLAN_FORMAT, where, f"not a plan file (format != {PLAN_FORMAT})")
     _require(
@@ -197,7 +198,8 @@ def plan_from_json(data: dict[str, Any], where: Path) -> Plan:
     patch = _tuple_of(inf.get("patch_size_zyx"), int, 3, where, "patch_size_zyx")
     _require(all(p > 0 for p in patch), where, "patch_size_zyx must be positive")
     folds_raw = inf.get("folds")
-    _require(isinstance(folds_raw, list) and folds_raw, where, "inference.folds must list weights")
+    _require(isinstance(folds_raw, list), where, "inference.folds must be a list")
+    _require(bool(folds_raw) or not require_folds, where, "inference.folds lists no weights")
     folds = tuple(_build(FoldWeights, f, where, "fold") for f in folds_raw)
     mirror = _tuple_of(inf.get("mirror_axes", []), int, None, where, "mirror_axes")
     _require(
@@ -262,7 +264,10 @@ def plan_from_json(data: dict[str, Any], where: Path) -> Plan:
 
 
 def load_plan(model_dir: Path, verify_weights: bool = True) -> Plan:
-    """Reads `model_dir/plan.json` and checks that every fold's weight file is there, unchanged."""
+    """Reads `model_dir/plan.json` and checks that every fold's weight file is there, unchanged.
+
+    Without `verify_weights` (training, before export) the plan may list no folds yet.
+    """
     path = Path(model_dir) / PLAN_FILE
     if not path.is_file():
         raise PlanError(f"{path}: no plan file (is {model_dir} a model folder?)")
@@ -270,7 +275,7 @@ def load_plan(model_dir: Path, verify_weights: bool = True) -> Plan:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PlanError(f"{path}: not valid JSON ({error})") from None
-    plan = plan_from_json(data, path)
+    plan = plan_from_json(data, path, require_folds=verify_weights)
     if verify_weights:
         for fold in plan.inference.folds:
             weights = Path(model_dir) / fold.file
@@ -288,7 +293,7 @@ def save_plan(plan: Plan, model_dir: Path) -> Path:
     """Writes the plan atomically, after checking it would load again."""
     data = plan.to_json()
     path = Path(model_dir) / PLAN_FILE
-    plan_from_json(json.loads(json.dumps(data)), path)
+    plan_from_json(json.loads(json.dumps(data)), path, require_folds=False)
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     return path
 

@@ -59,7 +59,6 @@ _CHUNK = 1 << 19  # voxels per slab: keeps temporaries cache-sized, which is ~3x
 _BIG = 1.0e4  # "far outside" signed distance, mm
 
 # Task 1 full-size grid limits (z, y, x) from the real fingerprint, see the module docstring.
-_T1_SLICES = (64, 88)
 _T1_NY = (220, 470)
 _T1_NX = (310, 570)
 _T1_INPLANE = (0.69, 1.3125)
@@ -211,11 +210,6 @@ class _Tube:
         dx -= t * float(rb - ra)
         return dx
 
-    def closest(self, point: np.ndarray) -> tuple[int, float]:
-        d = np.linalg.norm(self.p - point[None, :], axis=1) - self.r
-        i = int(np.argmin(d))
-        return i, float(d[i])
-
 
 class _Waves:
     """Smooth random field from a few plane waves: cheap, defined everywhere in physical space."""
@@ -295,19 +289,9 @@ class _Canvas:
             out.append(plane[None, :, :] + (a0 * k)[:, None, None])
         return out[0], out[1], out[2]
 
-    def box_bounds(self, k0, k1, j0, j1, i0, i1) -> tuple[np.ndarray, np.ndarray]:
-        corners = np.array(
-            [[k, j, i] for k in (k0, k1 - 1) for j in (j0, j1 - 1) for i in (i0, i1 - 1)], float
-        )
-        q = corners @ self.a.T + self.b
-        return q.min(axis=0), q.max(axis=0)
-
     def bbox(self, lo: np.ndarray, hi: np.ndarray):
         """Index-space box covering a patient-frame box, or None when it misses the grid."""
-        corners = np.array(
-            [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
-        )
-        idx = (corners - self.b) @ self.a_inv.T
+        idx = self.corner_index(lo, hi)
         mn = np.floor(idx.min(axis=0)).astype(int) - 1
         mx = np.ceil(idx.max(axis=0)).astype(int) + 2
         mn = np.maximum(mn, 0)
@@ -315,6 +299,36 @@ class _Canvas:
         if np.any(mx <= mn):
             return None
         return int(mn[0]), int(mx[0]), int(mn[1]), int(mx[1]), int(mn[2]), int(mx[2])
+
+    def corner_index(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        corners = np.array(
+            [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+        )
+        return (corners - self.b) @ self.a_inv.T
+
+    @staticmethod
+    def slab_window(corners: np.ndarray, k_lo: float, k_hi: float):
+        """(j0, j1, i0, i1) bounding the part of a parallelepiped (8 index-space corners, in
+        patient-box order) that lies between slices k_lo and k_hi. On an oblique grid a long
+        tube crosses the whole box, but each slab only meets a small part of it."""
+        pts = [c[1:] for c in corners if k_lo <= c[0] <= k_hi]
+        for a in range(8):
+            for bit in (1, 2, 4):
+                b = a | bit
+                if b == a:
+                    continue
+                ca, cb = corners[a], corners[b]
+                for plane in (k_lo, k_hi):
+                    da, db = ca[0] - plane, cb[0] - plane
+                    if da * db < 0:
+                        t = da / (da - db)
+                        pts.append(ca[1:] + t * (cb[1:] - ca[1:]))
+        if not pts:
+            return None
+        pts = np.array(pts)
+        mn = np.floor(pts.min(axis=0)).astype(int) - 1
+        mx = np.ceil(pts.max(axis=0)).astype(int) + 2
+        return int(mn[0]), int(mx[0]), int(mn[1]), int(mx[1])
 
     def _tube_field(self, layer: _Layer, box) -> np.ndarray:
         k0, k1, j0, j1, i0, i1 = box
@@ -370,21 +384,32 @@ class _Canvas:
             return
         k0, k1, j0, j1, i0, i1 = box
         raw = self._tube_field(layer, box) if layer.tube is not None else None
+        corners = self.corner_index(layer.lo, layer.hi)
         step = max(1, _CHUNK // ((j1 - j0) * (i1 - i0)))
         need_q = self._needs_q(layer)
         if layer.label == PANCREAS:
             self.tracking = True
         for c0 in range(k0, k1, step):
             c1 = min(k1, c0 + step)
-            if raw is not None and float(raw[c0 - k0 : c1 - k0].min()) > _BIG / 2:
+            win = self.slab_window(corners, c0 - 1.0, c1 + 1.0)
+            if win is None:
                 continue
-            q = self.coords(c0, c1, j0, j1, i0, i1) if need_q else None
-            d = self._distance(layer, q, None if raw is None else raw[c0 - k0 : c1 - k0])
+            a0, a1 = max(j0, win[0]), min(j1, win[1])
+            b0, b1 = max(i0, win[2]), min(i1, win[3])
+            if a1 <= a0 or b1 <= b0:
+                continue
+            sub_raw = None
+            if raw is not None:
+                sub_raw = raw[c0 - k0 : c1 - k0, a0 - j0 : a1 - j0, b0 - i0 : b1 - i0]
+                if float(sub_raw.min()) > _BIG / 2:
+                    continue
+            q = self.coords(c0, c1, a0, a1, b0, b1) if need_q else None
+            d = self._distance(layer, q, sub_raw)
             f = 0.5 - d * self.inv_ramp
             np.clip(f, 0.0, 1.0, out=f)
             if not f.any():
                 continue
-            region = (slice(c0, c1), slice(j0, j1), slice(i0, i1))
+            region = (slice(c0, c1), slice(a0, a1), slice(b0, b1))
             val = layer.value(q, d) if callable(layer.value) else layer.value
             img = self.img[region]
             img += f * (val - img)
@@ -403,8 +428,8 @@ class _Canvas:
 # name: (T1 arterial fat-suppressed, T2 MR-Linac, texture amplitude). Task 1 values are placed
 # around the real tumor statistics (mean ~207); Task 2 uses an arbitrary but plausible scale.
 _TISSUES = {
-    "fat_sc": (95, 520, 0.09),
-    "fat_visc": (80, 480, 0.10),
+    "fat_sc": (95, 520, 0.07),
+    "fat_visc": (80, 480, 0.08),
     "muscle": (160, 105, 0.08),
     "liver": (265, 125, 0.07),
     "hep_vein": (150, 60, 0.03),
@@ -429,7 +454,7 @@ _TISSUES = {
     "csf": (55, 930, 0.02),
     "cord": (170, 260, 0.04),
     "pancreas": (0, 0, 0.13),  # drawn per case
-    "tumor": (0, 0, 0.15),  # drawn per case
+    "tumor": (0, 0, 0.2),  # drawn per case
 }
 
 
@@ -444,9 +469,9 @@ class _Look:
             self.v[name] = float(vals[col] * g * math.exp(rng.normal(0.0, 0.08)))
         self.t = {name: vals[2] for name, vals in _TISSUES.items()}
         if task == "task1":
-            tumor = rng.uniform(140.0, 270.0)
+            tumor = float(np.clip(math.exp(rng.normal(math.log(185.0), 0.35)), 80.0, 450.0))
             self.v["tumor"] = tumor
-            self.v["pancreas"] = min(tumor * rng.uniform(1.35, 1.9), 520.0)
+            self.v["pancreas"] = min(tumor * rng.uniform(1.35, 1.9), 650.0)
             self.v["necrosis"] = tumor * rng.uniform(0.45, 0.65)
             self.v["bile"] = rng.uniform(50.0, 300.0)
         else:
@@ -470,13 +495,17 @@ class _Body:
     ay: float
     fat: float  # subcutaneous fat thickness
     muscle: float  # muscle wall thickness
+    taper: float  # the lower abdomen is a little wider
+
+    def scale(self, z):
+        return 1.0 - self.taper * np.clip(z, -150.0, 150.0)
 
 
 def _draw_body(rng: np.random.Generator) -> _Body:
     ay = rng.uniform(95.0, 132.0)
     ax = min(ay * rng.uniform(1.25, 1.5), 190.0)
     fat = float(np.clip(6.0 + (ay - 95.0) * 0.5 + rng.uniform(-4.0, 8.0), 5.0, 36.0))
-    return _Body(ax=ax, ay=ay, fat=fat, muscle=rng.uniform(6.0, 13.0))
+    return _Body(ax, ay, fat, rng.uniform(6.0, 13.0), rng.uniform(0.0002, 0.0006))
 
 
 class _Anatomy:
@@ -509,10 +538,13 @@ class _Anatomy:
         )
 
     def cavity(self, q: Q) -> np.ndarray:
-        return _ellipse2(q[0], q[1], self.cav_ax, self.cav_ay)
+        s = self.body.scale(q[2])
+        return _ellipse2(q[0], q[1], self.cav_ax * s, self.cav_ay * s)
 
     def muscle_wall(self, q: Q) -> np.ndarray:
-        return _ellipse2(q[0], q[1], self.cav_ax + self.body.muscle, self.cav_ay + self.body.muscle)
+        s = self.body.scale(q[2])
+        m = self.body.muscle
+        return _ellipse2(q[0], q[1], (self.cav_ax + m) * s, (self.cav_ay + m) * s)
 
     def add(self, layer: _Layer) -> None:
         self.layers.append(layer)
@@ -547,10 +579,9 @@ class _Anatomy:
 
     def _torso(self) -> None:
         b, v, t = self.body, self.look.v, self.look.t
-        taper = self.rng.uniform(0.0005, 0.0012)  # lower abdomen a little wider
 
         def scale(q: Q) -> np.ndarray:
-            return 1.0 - taper * q[2]
+            return b.scale(q[2])
 
         def outer(q: Q) -> np.ndarray:
             s = scale(q)
@@ -562,7 +593,9 @@ class _Anatomy:
             d2 = _ellipse2(q[0], q[1], self.cav_ax * s, self.cav_ay * s)
             return d1, d2
 
-        ramp = [1.0]  # set by the canvas before painting
+        # Partial-volume width of the inner boundaries depends on the voxel size, which is only
+        # known once the grid is drawn (after the anatomy): generate_case fills it in.
+        ramp = [1.0]
 
         def value(q: Q, d: np.ndarray) -> np.ndarray:
             d1, d2 = inner(q)
@@ -592,10 +625,15 @@ class _Anatomy:
         cut_x = -52.0 * self.sx + self.j(4)
         cut_slope = self.rng.uniform(0.7, 1.1)
         cut_z = 5.0 + self.j(5)
+        cut_y = float(right.c[1])
+        cut_curv = self.rng.uniform(0.003, 0.007)
 
         def sdf(q: Q) -> np.ndarray:
-            dr = right.sdf(q)
-            np.maximum(dr, q[0] - (cut_x + cut_slope * np.maximum(q[2] - cut_z, 0.0)), out=dr)
+            # the right lobe retreats laterally below the hilum, leaving room for the pancreatic
+            # head and duodenum; a curved, smoothly blended cut keeps its medial edge organic
+            dy = q[1] - cut_y
+            cut = q[0] - (cut_x + cut_slope * np.maximum(q[2] - cut_z, 0.0) - cut_curv * dy * dy)
+            dr = -_smin(-right.sdf(q), -cut, 12.0)
             d = _smin(dr, left.sdf(q), 14.0)
             return _smin(d, caudate.sdf(q), 8.0)
 
@@ -610,8 +648,8 @@ class _Anatomy:
                 t["liver"],
                 sdf=sdf,
                 clip=self.cavity,
-                bump=_Waves(self.rng, 4, (60.0, 140.0)),
-                bump_amp=3.0,
+                bump=_Waves(self.rng, 5, (40.0, 120.0)),
+                bump_amp=4.0,
             )
         )
         self.liver_ivc_top = self.pt(-26, -40, 125)
@@ -924,6 +962,27 @@ class _Anatomy:
             [3.8] * 5,
         )
         self.add_tube("sma", sma, v["artery"], t["artery"])
+        # small branches: mesenteric vessels fanning out below the pancreas, portal branches
+        for _ in range(int(rng.integers(5, 10))):
+            start = self.pt(rng.uniform(-12, 8), -78, rng.uniform(-150, -45), 2)
+            pts = [start]
+            heading = np.array([rng.uniform(-1, 1), rng.uniform(-0.6, 0.1), rng.uniform(-1, 0.2)])
+            for _ in range(3):
+                heading = heading + rng.normal(0, 0.3, 3)
+                heading /= np.linalg.norm(heading)
+                pts.append(pts[-1] + heading * rng.uniform(18, 30))
+            venous = rng.random() < 0.5
+            self.add_tube(
+                "mesenteric",
+                _Tube(pts, np.linspace(rng.uniform(1.8, 2.8), 1.2, len(pts))),
+                v["portal"] if venous else v["artery"],
+                t["portal"],
+                clip=self.cavity,
+            )
+        hilum = portal.p[-1]
+        for end in ((-110, -40, 60), (-95, -100, 70), (-30, -110, 75), (-80, -20, 95)):
+            tube = _Tube([hilum, self.pt(*end, jit=8)], [4.0, 1.5])
+            self.add_tube("portal_branch", tube, v["portal"], t["portal"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -949,11 +1008,21 @@ def _direction(kind: str, rng: np.random.Generator) -> np.ndarray:
     return u @ vt
 
 
-def _grid(rng, task, size, body: _Body, kind: str, shape_zyx):
-    """Spacing (z, y, x) and shape (z, y, x) so that the body fits the field of view."""
-    oblique = 1.08 if kind == "oblique" else 1.0
-    fov_x = (2 * body.ax + rng.uniform(10, 60)) * oblique
-    fov_y = (2 * body.ay + rng.uniform(10, 60)) * oblique
+def _grid(rng, task, size, body: _Body, axes: np.ndarray, shape_zyx):
+    """Spacing (z, y, x) and shape (z, y, x): a protocol field of view, widened if the body
+    would not fit."""
+    margin_x, margin_y = rng.uniform(14, 28, 2)
+    tilt = math.sqrt(max(0.0, 1.0 - axes[2, 2] ** 2))
+
+    def needed(nz: int, sz: float) -> tuple[float, float]:
+        # Longest chord of the body along each in-plane grid axis (axes: grid axes in the
+        # patient frame; a tilted slice cuts the elliptic body cylinder obliquely), at the widest
+        # level in the slab, plus margins for the centring shift (<= 5 mm).
+        grow = float(body.scale(-(nz * sz / 2.0 + 10.0 + 200.0 * tilt)))
+        ax, ay = body.ax * grow, body.ay * grow
+        half = [1.0 / math.hypot(axes[0, c] / ax, axes[1, c] / ay) for c in (0, 1)]
+        return 2 * half[0] + margin_x, 2 * half[1] + margin_y
+
     if size == "small":
         sz = rng.uniform(5.5, 6.5)
         nz = int(rng.integers(_SMALL_NZ[0], _SMALL_NZ[1] + 1))
@@ -961,26 +1030,82 @@ def _grid(rng, task, size, body: _Body, kind: str, shape_zyx):
         nx = int(rng.integers(64, _SMALL_NYX[1] + 1))
         if shape_zyx is not None:
             nz, ny, nx = shape_zyx
-        s = max(fov_x / nx, fov_y / ny)
-        return (sz, s, s), (nz, ny, nx)
+        need_x, need_y = needed(nz, sz)
+        s = max(need_x / nx, need_y / ny)
+        limits = None if shape_zyx is not None else (_SMALL_NYX[1], _SMALL_NYX[1])
+        return (sz, s, s), (nz, ny, nx), limits
     if task == "task1":
-        # Real in-plane spacings cluster at 1.1875 mm with a few between 0.69 and 1.31.
+        # Real scans: in-plane spacing mostly 1.1875 mm (a few 0.69-1.31), field of view about
+        # 306 x 378 mm (y x), 3 mm slices (a few up to 3.5 mm), 64-88 slices.
         s = 1.1875 if rng.random() < 0.85 else rng.uniform(*_T1_INPLANE)
         sz = 3.0 if rng.random() < 0.85 else rng.uniform(3.0, 3.5)
-        nz = int(rng.integers(0, 4)) * 8 + 64  # 64, 72, 80 or 88 slices
+        nz = int(rng.integers(0, 4)) * 8 + 64
+        short = rng.random() < 0.1
+        fov_y = rng.uniform(255.0, 306.0) if short else 306.0 * rng.uniform(0.98, 1.05)
+        fov_x = 378.0 * rng.uniform(0.98, 1.05)
         lim_y, lim_x, lim_s = _T1_NY, _T1_NX, _T1_INPLANE
     else:
         s = 1.0 if rng.random() < 0.8 else rng.uniform(0.9, 1.1)
         sz = 2.0 if rng.random() < 0.8 else rng.uniform(1.8, 2.2)
         nz = round(rng.uniform(170.0, 240.0) / sz)
+        fov_y = rng.uniform(300.0, 360.0)
+        fov_x = rng.uniform(380.0, 450.0)
         lim_y, lim_x, lim_s = _T2_NY, _T2_NX, (0.8, 1.25)
     if shape_zyx is not None:
+        nz = shape_zyx[0]
+    need_x, need_y = needed(nz, sz)
+    fov_x, fov_y = max(fov_x, need_x), max(fov_y, need_y)
+    if shape_zyx is not None:
         nz, ny, nx = shape_zyx
-        s = float(np.clip(max(fov_x / nx, fov_y / ny), *lim_s))
-        return (sz, s, s), (nz, ny, nx)
+        s = float(np.clip(max(need_x / nx, need_y / ny, fov_y / ny), *lim_s))
+        return (sz, s, s), (nz, ny, nx), None
     s = max(s, fov_x / lim_x[1], fov_y / lim_y[1])
-    nx = int(np.clip(math.ceil(fov_x / s), *lim_x))
-    ny = int(np.clip(math.ceil(fov_y / s), *lim_y))
+    nx = int(np.clip(round(fov_x / s), *lim_x))
+    ny = int(np.clip(round(fov_y / s), *lim_y))
+    return (sz, s, s), (nz, ny, nx), (lim_y[1], lim_x[1])
+
+
+def _fit_body(body: _Body, axes: np.ndarray, centre: np.ndarray, spacing, shape, limits):
+    """Grow the field of view until no side face of the grid cuts the body.
+
+    The estimate in _grid ignores where each row of a tilted grid crosses the body; checking
+    the side faces directly is exact and cheap. Grows the voxel count while the size limits
+    allow (limits = (max ny, max nx), None for a forced shape), then the in-plane spacing.
+    """
+    sz, s, _ = spacing
+    nz, ny, nx = shape
+    for _ in range(40):
+        hit = [False, False]  # x faces, y faces
+        size = (nx, ny, nz)
+        for c in (0, 1):
+            other = [o for o in (0, 1, 2) if o != c]
+            g = [np.linspace(0, size[o] - 1, min(size[o], 48)) for o in other]
+            mesh = np.meshgrid(*g, indexing="ij")
+            for side in (0, size[c] - 1):
+                idx = np.zeros((3, mesh[0].size))
+                idx[c] = side
+                idx[other[0]] = mesh[0].ravel()
+                idx[other[1]] = mesh[1].ravel()
+                idx -= (np.array(size, float)[:, None] - 1) / 2
+                q = centre[:, None] + (axes * np.array([s, s, sz])[None, :]) @ idx
+                grow = body.scale(q[2])
+                d = _ellipse2(q[0], q[1], body.ax * grow, body.ay * grow)
+                hit[c] |= bool(d.min() < 3.0)
+        if not any(hit):
+            break
+        if limits is None:
+            s *= 1.04
+            continue
+        if hit[0]:
+            if nx < limits[1]:
+                nx = min(limits[1], math.ceil(nx * 1.04))
+            else:
+                s *= 1.04
+        if hit[1]:
+            if ny < limits[0]:
+                ny = min(limits[0], math.ceil(ny * 1.04))
+            elif not hit[0] or nx < limits[1]:
+                s *= 1.04
     return (sz, s, s), (nz, ny, nx)
 
 
@@ -989,7 +1114,7 @@ def _grid(rng, task, size, body: _Body, kind: str, shape_zyx):
 # --------------------------------------------------------------------------------------------
 
 
-def _tumor_layer(rng, anatomy: _Anatomy, look: _Look, centre, r0: float) -> _Layer:
+def _tumor_layer(rng, look: _Look, centre, r0: float) -> _Layer:
     spheres = [(centre, r0)]
     for _ in range(int(rng.integers(1, 4))):
         d = rng.normal(size=3)
@@ -1021,7 +1146,7 @@ def _tumor_layer(rng, anatomy: _Anatomy, look: _Look, centre, r0: float) -> _Lay
 
     def value(q, d):
         # a mildly enhancing rim and a darker centre, as in hypo-enhancing PDAC
-        out = base * (0.88 + 0.24 * np.clip(1.0 + d / (0.5 * r0), 0.0, 1.0))
+        out = base * (0.8 + 0.4 * np.clip(1.0 + d / (0.5 * r0), 0.0, 1.0))
         if necrotic:
             fn = np.clip(0.5 - (d + 0.55 * r0) / 2.0, 0.0, 1.0)
             out += fn * (vn - out)
@@ -1057,8 +1182,10 @@ def _place_tumors(
         for _ in range(n):
             found = None
             for _try in range(30):
-                target = math.exp(rng.uniform(math.log(max(0.6, lo_ml * 1.2)), math.log(32.0)))
-                r0 = (3.0 * target * 1000.0 / (4.0 * math.pi * 1.35)) ** (1.0 / 3.0)
+                tiny = rng.random() < 0.2
+                lo_t, hi_t = (max(0.6, lo_ml * 1.2), 2.0) if tiny else (2.0, 32.0)
+                target = math.exp(rng.uniform(math.log(lo_t), math.log(max(hi_t, lo_t * 1.5))))
+                r0 = (3.0 * target * 1000.0 / (4.0 * math.pi * 1.05)) ** (1.0 / 3.0)
                 head = rng.random() < 0.6
                 pos = rng.uniform(0.0, 0.35) if head else rng.uniform(0.35, 0.95)
                 i = int(pos * (len(tube.p) - 1))
@@ -1074,7 +1201,7 @@ def _place_tumors(
                     dist = rng.uniform(0.0, 0.6) * rp
                 centre = tube.p[i] + off * dist
                 for _scale in range(4):
-                    layer = _tumor_layer(rng, anatomy, look, centre, r0)
+                    layer = _tumor_layer(rng, look, centre, r0)
                     box, d = canvas.evaluate(layer)
                     if box is None:
                         break
@@ -1286,11 +1413,13 @@ def generate_case(
     kind_drawn = DIRECTION_KINDS[int(r_dir.choice(len(DIRECTION_KINDS), p=probs / probs.sum()))]
     kind = direction or kind_drawn
     dmat = _direction(kind, r_dir)
-    spacing, shape = _grid(r_geom, task, size, body, kind, shape_zyx)
-    shape = tuple(int(s) for s in shape)
-    body_centre = r_geom.uniform([-60.0, -60.0, -400.0], [60.0, 60.0, 400.0])
-    fov_shift = np.array([r_geom.normal(0, 6), r_geom.normal(0, 6), r_geom.uniform(-10, 25)])
     patient_rot = _rot("z", float(np.clip(r_geom.normal(0, 4), -10, 10)))
+    axes = patient_rot.T @ dmat
+    spacing, shape, limits = _grid(r_geom, task, size, body, axes, shape_zyx)
+    body_centre = r_geom.uniform([-60.0, -60.0, -400.0], [60.0, 60.0, 400.0])
+    fov_shift = np.array([*np.clip(r_geom.normal(0, 3, 2), -5, 5), r_geom.uniform(-10, 25)])
+    spacing, shape = _fit_body(body, axes, fov_shift, spacing, shape, limits)
+    shape = tuple(int(s) for s in shape)
     grid_centre = body_centre + patient_rot @ fov_shift
     sz, sy, sx = spacing
     spacing_xyz = np.array([sx, sy, sz])
@@ -1325,8 +1454,7 @@ def generate_case(
     lab = sitk.GetImageFromArray(label)
     lab.CopyInformation(image)
 
-    comps, n_found = ndimage.label(label == TUMOR)
-    volumes = (np.bincount(comps.ravel())[1:] * vox_ml).tolist() if n_found else []
+    volumes = _component_volumes(label == TUMOR, vox_ml)
     info = {
         "seed": int(seed),
         "task": task,
@@ -1336,11 +1464,21 @@ def generate_case(
         "origin_xyz": [float(v) for v in origin],
         "direction": kind,
         "direction_matrix": [float(v) for v in dmat.ravel()],
-        "n_tumors": int(n_found),
+        "n_tumors": len(volumes),
         "tumor_volumes_ml": [round(float(v), 4) for v in volumes],
         "motion": moving,
     }
     return Phantom(image=image, label=lab, info=info)
+
+
+def _component_volumes(mask: np.ndarray, vox_ml: float) -> list[float]:
+    """Volume (mL) of each connected component, labelled inside the mask's bounding box only."""
+    nz = [np.flatnonzero(mask.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1))]
+    if nz[0].size == 0:
+        return []
+    crop = mask[tuple(slice(v[0], v[-1] + 1) for v in nz)]
+    comps, n = ndimage.label(crop)
+    return [float(c) * vox_ml for c in np.bincount(comps.ravel(), minlength=n + 1)[1:]]
 
 
 def case_file_names(case_id: str, task: str) -> tuple[str, str]:
@@ -1397,6 +1535,8 @@ def write_dataset(
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     if isinstance(n_cases, bool) or not isinstance(n_cases, int | np.integer) or n_cases < 1:
         raise ValueError(f"n_cases must be an integer >= 1, got {n_cases!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     out_dir = Path(out_dir)
     images, labels = out_dir / "ImagesTr", out_dir / "LabelsTr"
     images.mkdir(parents=True, exist_ok=True)
@@ -1417,5 +1557,6 @@ def write_dataset(
             **phantom.info,
         }
         infos.append(info)
-    _atomic_write_json(infos, out_dir / "phantoms.json")
+        # rewritten after every case so that an interrupted run still describes what it wrote
+        _atomic_write_json(infos, out_dir / "phantoms.json")
     return infos

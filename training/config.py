@@ -1,0 +1,166 @@
+"""Every training hyper-parameter, in one YAML file.
+
+`default.yaml` beside this module documents each value; a user's file overrides any subset, and an
+unknown key is an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used, with the file and the key in the message."""
+
+
+@dataclass
+class DataConfig:
+    labels: str = "tumor"  # "tumor" (binary) or "tumor+pancreas" (pancreas removed at output)
+    jobs: int = 2
+
+
+@dataclass
+class PlanConfig:
+    gpu_memory_gb: float = 16.0
+    anisotropy_threshold: float = 3.0
+    target_spacing_zyx: list[float] | None = None
+    patch_size_zyx: list[int] | None = None
+    clip_percentiles: list[float] | None = field(default_factory=lambda: [0.5, 99.5])
+    nonzero_only: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    tumor_fraction: float = 0.5
+    batch_size: int = 2
+    workers: int = 2
+
+
+@dataclass
+class AugmentationConfig:
+    probability: float = 0.2
+    rotation_in_plane_deg: float = 30.0
+    rotation_out_of_plane_deg: float = 5.0
+    scale: list[float] = field(default_factory=lambda: [0.85, 1.25])
+    elastic: bool = False
+    mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    brightness: float = 0.25
+    contrast: float = 0.25
+    noise_std: float = 0.1
+    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    low_resolution: list[float] = field(default_factory=lambda: [0.5, 1.0])
+
+
+@dataclass
+class NetworkConfig:
+    name: str = "attention_unet"  # or "dynunet"
+    base_features: int = 32
+    max_features: int = 320
+    depth: int | None = None  # None: from the plan's patch size
+    deep_supervision: bool = True
+    residual: bool = True
+
+
+@dataclass
+class LossConfig:
+    name: str = "dice_focal_boundary"  # or "dice_ce"
+    dice_weight: float = 0.6
+    focal_weight: float = 0.3
+    boundary_weight: float = 0.1
+    tumor_slice_weight: float = 2.0
+    deep_supervision_decay: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # or "sgd"
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    momentum: float = 0.99
+    scheduler: str = "plateau"  # "plateau", "poly" or "cosine"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5
+    warmup_epochs: int = 0
+    epochs: int = 300
+    iterations_per_epoch: int = 250
+    patience: int = 15
+    grad_clip: float = 12.0
+    amp: bool = True
+
+
+@dataclass
+class ValidationConfig:
+    every_epochs: int = 1
+    tile_step: float = 0.5
+    batch_size: int = 2
+
+
+@dataclass
+class CrossValidationConfig:
+    folds: int = 5
+    seed: int = 0
+    thresholds: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6])
+    min_component_mm3: list[float] = field(default_factory=lambda: [0.0, 50.0, 200.0, 500.0])
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 17
+    tolerance: float = 1e-3
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    cv: CrossValidationConfig = field(default_factory=CrossValidationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _merge(instance: Any, values: dict[str, Any], where: str, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(instance)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'")
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, where, f"{prefix}{key}.")
+        else:
+            setattr(instance, key, value)
+    return instance
+
+
+def load_config(path: Path | None = None) -> TrainingConfig:
+    """The defaults, overridden by `path` when given."""
+    config = TrainingConfig()
+    for source in [DEFAULT_CONFIG, path] if path else [DEFAULT_CONFIG]:
+        try:
+            values = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"{source}: cannot be read as YAML ({error})") from None
+        _merge(config, values, str(source))
+    if config.data.labels not in ("tumor", "tumor+pancreas"):
+        raise ConfigError(
+            f"data.labels must be 'tumor' or 'tumor+pancreas', not {config.data.labels!r}"
+        )
+    return config
