@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := out/demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean container container-test container-export
 
 $(BIN)/pantherseg: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,12 @@ bench: $(BIN)/pantherseg
 
 clean:
 	rm -rf out
+
+container:
+	./build.sh
+
+container-test: $(BIN)/pantherseg
+	./test.sh
+
+container-export:
+	./export.sh

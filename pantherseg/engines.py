@@ -8,6 +8,7 @@ checked after the session is created, logged, and a CUDA request that did not ta
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import tempfile
@@ -31,6 +32,19 @@ class EngineError(RuntimeError):
     """A network that cannot be loaded or run as asked, with the file and the problem named."""
 
 
+def tensorrt_installed() -> bool:
+    """Whether TensorRT's runtime library can be loaded. onnxruntime-gpu always lists its
+    TensorRT provider; asking for it without the library prints an error block on every run
+    before falling back to CUDA, which grand-challenge reports as warnings."""
+    for name in ("libnvinfer.so.10", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
 def select_providers(device: str, available: Sequence[str]) -> list[str | tuple[str, dict]]:
     """The execution providers to request, best first, for a device choice.
 
@@ -43,7 +57,7 @@ def select_providers(device: str, available: Sequence[str]) -> list[str | tuple[
     if device == "cpu":
         return [CPU]
     providers: list[str | tuple[str, dict]] = []
-    if TENSORRT in available:
+    if TENSORRT in available and tensorrt_installed():
         cache = Path(tempfile.gettempdir()) / "pantherseg-tensorrt-cache"
         options = {
             "trt_fp16_enable": True,

@@ -1252,17 +1252,22 @@ def _place_tumors(
 # --------------------------------------------------------------------------------------------
 
 
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+def _lerp_weights(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lower neighbour and weight of the upper one, for linear upsampling n_in -> n_out."""
     x = np.linspace(0.0, n_in - 1.0, n_out)
-    i0 = np.clip(np.floor(x).astype(int), 0, max(n_in - 2, 0))
-    w = np.zeros((n_out, n_in), _F32)
-    if n_in == 1:
-        w[:, 0] = 1.0
-        return w
-    fr = (x - i0).astype(_F32)
-    w[np.arange(n_out), i0] = 1.0 - fr
-    w[np.arange(n_out), i0 + 1] += fr
-    return w
+    i0 = np.clip(np.floor(x).astype(int), 0, n_in - 2)
+    return i0, (x - i0).astype(_F32)
+
+
+def _upsample(low: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    # plain indexing rather than BLAS: small matrix products stall on a busy machine
+    i0, fr = _lerp_weights(n_out, low.shape[axis])
+    shape = [1, 1, 1]
+    shape[axis] = n_out
+    fr = fr.reshape(shape)
+    out = np.take(low, i0, axis=axis) * (1.0 - fr)
+    out += np.take(low, i0 + 1, axis=axis) * fr
+    return out
 
 
 def _finish(canvas: _Canvas, rng_tex, rng_noise, spacing, look: _Look, motion: bool, rng_motion):
@@ -1270,7 +1275,7 @@ def _finish(canvas: _Canvas, rng_tex, rng_noise, spacing, look: _Look, motion: b
     nz, ny, nx = canvas.shape
     sz, sy, sx = spacing
     img, amp = canvas.img, canvas.amp
-    # correlated texture: low-res noise, lightly smoothed, upsampled with separable matrices
+    # correlated texture: low-res noise, lightly smoothed, upsampled linearly
     low_shape = (
         max(2, math.ceil(nz * sz / 6.0) + 1),
         max(2, math.ceil(ny * sy / 3.0) + 1),
@@ -1278,10 +1283,8 @@ def _finish(canvas: _Canvas, rng_tex, rng_noise, spacing, look: _Look, motion: b
     )
     low = ndimage.gaussian_filter(rng_tex.standard_normal(low_shape).astype(_F32), 0.7)
     low /= low.std() + 1e-6
-    zpos = np.linspace(0.0, low_shape[0] - 1.0, nz)
-    z0 = np.clip(np.floor(zpos).astype(int), 0, low_shape[0] - 2)
-    zf = (zpos - z0).astype(_F32)
-    mid = np.matmul(_interp_matrix(ny, low_shape[1]), low @ _interp_matrix(nx, low_shape[2]).T)
+    z0, zf = _lerp_weights(nz, low_shape[0])
+    mid = _upsample(_upsample(low, nx, 2), ny, 1)
     # bias field: separable smooth product (receive-coil shading)
     c = rng_tex.normal(0.0, 1.0, 6) * np.array([0.10, 0.10, 0.06, 0.08, 0.08, 0.05])
     u = np.linspace(-1, 1, nx, dtype=_F32)[None, :]

@@ -72,7 +72,8 @@ def fixed_model(tmp_path: Path) -> Path:
 # --- select_providers ----------------------------------------------------------------------------
 
 
-def test_select_providers() -> None:
+def test_select_providers(monkeypatch) -> None:
+    monkeypatch.setattr(engines, "tensorrt_installed", lambda: True)
     everything = [engines.TENSORRT, engines.CUDA, engines.CPU]
     auto = select_providers("auto", everything)
     assert [p[0] if isinstance(p, tuple) else p for p in auto] == everything
@@ -90,6 +91,12 @@ def test_select_providers() -> None:
         select_providers("cuda", [engines.CPU])
     with pytest.raises(ValueError, match="unknown device"):
         select_providers("gpu", everything)
+
+
+def test_tensorrt_is_skipped_without_its_library(monkeypatch) -> None:
+    monkeypatch.setattr(engines, "tensorrt_installed", lambda: False)
+    everything = [engines.TENSORRT, engines.CUDA, engines.CPU]
+    assert select_providers("auto", everything) == [engines.CUDA, engines.CPU]
 
 
 # --- a working engine ----------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+# grand-challenge.org algorithm image for pantherseg (PANTHER, pancreatic tumor segmentation on MRI).
+#
+# Base: CUDA 13 + cuDNN 9 runtime. onnxruntime-gpu 1.31.1 from PyPI is built against CUDA 13
+# (its CUDA provider links libcudart.so.13 and libcublas.so.13; PyPI wheels up to 1.26 were CUDA 12),
+# so a CUDA 12 base would leave the GPU unused. CUDA 13 needs an NVIDIA driver >= 580 on the host.
+# Ubuntu 24.04 brings Python 3.12; every pinned wheel exists for it (see requirements.txt).
+#
+# CI builds this file unchanged against a Debian stand-in imported under the same name
+# (.ci/container.sh): no CUDA there, so the container runs on the CPU.
+
+# grand-challenge runs linux/amd64 only; the platform is pinned on purpose so that a build on an
+# ARM machine still produces an image grand-challenge can run.
+# hadolint ignore=DL3029
+FROM --platform=linux/amd64 nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS base
+
+# The application files, readable by the non-root user whatever modes the host gave them (a model
+# file saved as 0600 would otherwise fail at runtime). In a stage of its own so that the image
+# holds them once, in the layer COPY --from writes. The context is an allow-list (.dockerignore):
+# process.py, pantherseg/, requirements.txt and model/ when it exists (a COPY naming an absent
+# model/ would fail the build). Without a baked model/plan.json, process.py reads /opt/ml/model,
+# where grand-challenge extracts an uploaded model.
+FROM base AS app
+COPY . /opt/app/
+RUN chmod -R u=rwX,go=rX /opt/app
+
+FROM base
+
+ARG DEBIAN_FRONTEND=noninteractive
+
+# The Python interpreter comes from the distribution of the pinned base tag; apt versions are not
+# pinned because the base tag fixes the release and apt cannot install a superseded version.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+# The non-root user the algorithm runs as. A fixed, numeric uid (Ubuntu 24.04 images already give
+# uid 1000 to "ubuntu"), so that USER needs no lookup and host folders can be prepared for it.
+RUN groupadd --gid 10001 user \
+    && useradd --uid 10001 --gid 10001 --no-log-init --create-home --shell /usr/sbin/nologin user
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+COPY requirements.txt /opt/app/requirements.txt
+RUN python3 -m venv /opt/venv \
+    && pip install --no-cache-dir --require-virtualenv -r /opt/app/requirements.txt \
+    && pip check
+
+COPY --from=app /opt/app /opt/app
+
+WORKDIR /opt/app
+USER 10001:10001
+
+ENTRYPOINT ["/opt/venv/bin/python", "/opt/app/process.py"]
