@@ -27,12 +27,7 @@ from training.planner import conv_kernel_sizes
 CLASSES3 = ("background", "tumor", "pancreas")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_plan(activation="sigmoid", classes=("tumor",), spacing=(3.0, 1.0, 1.0)) -> Plan:

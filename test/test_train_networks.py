@@ -25,13 +25,7 @@ ISOTROPIC = [(1, 1, 1), (2, 2, 2), (2, 2, 2)]
 ANISOTROPIC = [(1, 1, 1), (1, 2, 2), (2, 2, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread synchronisation costs more than it saves, badly so on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_plan(patch, spacing, activation="sigmoid", classes=("tumor",)) -> Plan:

@@ -20,12 +20,7 @@ from training.transforms import (
 PATCH = (8, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_plan(patch=PATCH, spacing=(3.0, 1.0, 1.0)) -> Plan:

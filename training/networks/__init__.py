@@ -27,9 +27,8 @@ from pantherseg.plan import Plan
 from training.config import NetworkConfig
 from training.networks.attention_unet import AttentionUNet
 from training.networks.dynunet import DynUNetSegmenter
+from training.networks.levels import Triple
 from training.planner import DEFAULT_MAX_LEVELS, conv_kernel_sizes, pooling_per_axis
-
-Triple = tuple[int, int, int]
 
 
 class NetworkFactory(Protocol):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-Triple = tuple[int, int, int]
+from training.networks.levels import Triple, check_levels
 
 
 def _norm(channels: int) -> nn.Module:
@@ -105,9 +105,7 @@ class AttentionUNet(nn.Module):
         residual: bool = True,
     ) -> None:
         super().__init__()
-        levels = len(strides)
-        if not levels == len(kernel_sizes) == len(features) or levels < 2:
-            raise ValueError("strides, kernel_sizes and features need one entry per level (>= 2)")
+        levels = check_levels(strides, kernel_sizes, features)
         self.strides = [tuple(s) for s in strides]
         self.deep_supervision = deep_supervision
         widths = [in_channels, *features]

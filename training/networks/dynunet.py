@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import DynUNet
 
-Triple = tuple[int, int, int]
+from training.networks.levels import Triple, check_levels
 
 
 class DynUNetSegmenter(DynUNet):
@@ -32,9 +32,7 @@ class DynUNetSegmenter(DynUNet):
         deep_supervision: bool = True,
         residual: bool = True,
     ) -> None:
-        levels = len(strides)
-        if not levels == len(kernel_sizes) == len(features) or levels < 2:
-            raise ValueError("strides, kernel_sizes and features need one entry per level (>= 2)")
+        levels = check_levels(strides, kernel_sizes, features)
         extra_heads = levels - 2
         super().__init__(
             spatial_dims=3,
