@@ -6,6 +6,27 @@ command, everything kept in one work folder so that each step can be rerun or re
     python -m training cv --work work/            # trains every fold, then tunes post-processing
     python -m training export --work work/ --out model/
     python -m training all --data PANTHER_Task1 --work work/ --out model/
+
+Several GPUs: `torchrun --nproc_per_node 4 -m training train --work work/ --fold 0` (or `cv`);
+every process trains, rank 0 validates and writes, and `cv` predicts out-of-fold on rank 0 only.
+
+Beyond the baseline (flags; see also training/default.yaml):
+
+- Fine-tuning: `train --init CHECKPOINT` or `cv --init CHECKPOINT` starts every fold from the
+  tensors of CHECKPOINT that match the network by name and shape (pretrained weights, or a fold
+  of an earlier run); `<work>/fold_k/init.json` lists what was loaded and what was skipped.
+- Self-training on the unlabelled scans (PANTHER Task 1's ImagesTr_unlabeled/):
+      python -m training pseudo-label --work work/ --out pseudo/
+  segments every unlabelled image of the work's dataset with the cross-validation ensemble (all
+  folds, the post-processing `cv` chose) and writes a dataset folder in the PANTHER layout:
+  pseudo/ImagesTr/<id>_0000.<ext> (a link to, or copy of, the image), pseudo/LabelsTr/<id>.<ext>
+  (1 tumor, 0 elsewhere) and pseudo/pseudo_labels.json. A second round trains on both:
+      python -m training plan --data PANTHER_Task1 --work work2/ --extra-labelled pseudo/
+      python -m training preprocess --work work2/
+      python -m training cv --work work2/ [--init work/fold_0/best.pt]
+  Extra labelled cases join every fold's training set and are never validated on: the split,
+  the out-of-fold predictions and the post-processing choice use the annotated cases only, and
+  the plan (spacing, patch, normalisation) is fingerprinted on them alone.
 """
 
 from __future__ import annotations
@@ -14,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +62,11 @@ class WorkflowError(ValueError):
     """A step asked for before the steps it needs, or on a dataset with errors."""
 
 
+def _is_main_process() -> bool:
+    """False in every torchrun process but rank 0: those train and nothing else."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _work_config(work: Path) -> TrainingConfig:
     path = work / CONFIG_FILE
     if not path.is_file():
@@ -53,14 +80,69 @@ def _work_plan(work: Path) -> Plan:
     return load_plan(work, verify_weights=False)
 
 
-def _work_dataset(work: Path):
-    from training.data import discover
-
+def _work_description(work: Path) -> dict:
     path = work / DATASET_FILE
     if not path.is_file():
         raise WorkflowError(f"{work}: no {DATASET_FILE}; run `python -m training plan` first")
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _work_dataset(work: Path):
+    """The annotated dataset the work folder was planned on."""
+    from training.data import discover
+
+    saved = _work_description(work)
     return discover(Path(saved["root"]), task=saved["task"])
+
+
+def _work_extra_cases(work: Path) -> list:
+    """The extra labelled cases (`plan --extra-labelled`), found again in their folders."""
+    from training.data import discover
+
+    cases = []
+    for extra in _work_description(work).get("extra_labelled", []):
+        found = {c.case_id: c for c in discover(Path(extra["root"])).labelled}
+        missing = sorted(set(extra["cases"]) - set(found))
+        if missing:
+            raise WorkflowError(
+                f"{extra['root']}: cases planned as extra labelled data are gone: "
+                f"{', '.join(missing)}; run `python -m training plan` again"
+            )
+        cases += [found[c] for c in extra["cases"]]
+    return cases
+
+
+def _extra_ids(work: Path) -> set[str]:
+    return {c for e in _work_description(work).get("extra_labelled", []) for c in e["cases"]}
+
+
+def _extra_labelled(folders: list[Path], dataset, labels: str, jobs: int) -> list[dict]:
+    """Checks each extra labelled dataset folder like the main one; their descriptions."""
+    from training.data import discover, validate
+
+    taken = {c.case_id for c in dataset.labelled}
+    described = []
+    for folder in folders:
+        extra = discover(folder)
+        ids = [c.case_id for c in extra.labelled]
+        clash = sorted(taken & set(ids))
+        if clash:
+            raise WorkflowError(
+                f"{folder}: case ids already in the training data: {', '.join(clash[:10])}"
+            )
+        taken |= set(ids)
+        problems = validate(extra, labels=labels, jobs=jobs)
+        for problem in problems:
+            print(
+                f"{problem.severity}: {folder}: {problem.case_id}: {problem.problem}",
+                file=sys.stderr,
+            )
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            raise WorkflowError(f"{folder}: {len(errors)} extra case(s) have errors (listed above)")
+        print(f"{extra.root}: {len(ids)} extra labelled cases ({extra.layout} layout)")
+        described.append({"root": str(extra.root.resolve()), "cases": ids})
+    return described
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -79,7 +161,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise WorkflowError(f"{len(errors)} case(s) have errors (listed above); fix or remove them")
-    fp = fingerprint(dataset, jobs=config.data.jobs)
+    folders = list(getattr(args, "extra_labelled", None) or [])
+    extra = _extra_labelled(folders, dataset, config.data.labels, config.data.jobs)
+    fp = fingerprint(dataset, jobs=config.data.jobs)  # the annotated cases alone
     plan = plan_from_fingerprint(fp, config, dataset.task)
     data = {
         "root": str(dataset.root),
@@ -87,8 +171,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "cases": len(dataset.labelled),
         "synthetic": (dataset.root / SYNTHETIC_MARKER).is_file(),
         "description": f"{len(dataset.labelled)} labelled cases, {dataset.layout} layout"
-        + (" (synthetic phantoms)" if (dataset.root / SYNTHETIC_MARKER).is_file() else ""),
+        + (" (synthetic phantoms)" if (dataset.root / SYNTHETIC_MARKER).is_file() else "")
+        + (
+            f", plus {sum(len(e['cases']) for e in extra)} extra labelled (e.g. pseudo-labelled)"
+            if extra
+            else ""
+        ),
     }
+    if extra:
+        data["extra_labelled_cases"] = sum(len(e["cases"]) for e in extra)
     plan = dataclasses.replace(plan, training={**plan.training, "data": data})
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +188,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     atomic_write_text(
         work / DATASET_FILE,
         json.dumps(
-            {"root": str(dataset.root.resolve()), "task": dataset.task, "layout": dataset.layout},
+            {
+                "root": str(dataset.root.resolve()),
+                "task": dataset.task,
+                "layout": dataset.layout,
+                "extra_labelled": extra,
+            },
             indent=1,
         )
         + "\n",
@@ -115,8 +211,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from training.cache import preprocess_dataset
 
     config, plan = _work_config(args.work), _work_plan(args.work)
+    dataset = _work_dataset(args.work)
+    extra = _work_extra_cases(args.work)
+    if extra:
+        dataset = dataclasses.replace(dataset, labelled=dataset.labelled + extra)
     cached = preprocess_dataset(
-        _work_dataset(args.work),
+        dataset,
         plan,
         args.work / CACHE_DIR,
         labels=config.data.labels,
@@ -134,33 +234,65 @@ def _cached_by_id(work: Path) -> dict:
     return {c.case_id: c for c in load_cache_index(work / CACHE_DIR)}
 
 
-def _train_one(
-    work: Path, fold: int, config: TrainingConfig, plan: Plan, device: str, resume: bool
-) -> dict:
+def _splits(work: Path, config: TrainingConfig, cached: dict) -> list[dict[str, list[str]]]:
+    """The saved k-fold split of the annotated cases (extra labelled ones are never validated on),
+    made by rank 0 when there is none yet."""
     from training.crossval import SPLITS_FILE, load_or_make_splits
+
+    extra = _extra_ids(work)
+    annotated = [c for c in cached if c not in extra]
+    path = work / SPLITS_FILE
+    if _is_main_process():
+        splits = load_or_make_splits(path, annotated, config.cv.folds, config.cv.seed)
+    _wait_for_rank_zero()
+    if not _is_main_process():
+        splits = load_or_make_splits(path, annotated, config.cv.folds, config.cv.seed)
+    return splits
+
+
+def _wait_for_rank_zero() -> None:
+    """A barrier among torchrun's processes (a no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _train_one(
+    work: Path,
+    fold: int,
+    config: TrainingConfig,
+    plan: Plan,
+    device: str,
+    resume: bool,
+    init: Path | None = None,
+) -> dict:
     from training.trainer import train_fold
 
     cached = _cached_by_id(work)
-    splits = load_or_make_splits(work / SPLITS_FILE, list(cached), config.cv.folds, config.cv.seed)
+    splits = _splits(work, config, cached)
     if not 0 <= fold < len(splits):
         raise WorkflowError(f"fold {fold} does not exist; folds are 0..{len(splits) - 1}")
     split = splits[fold]
+    extra = sorted(_extra_ids(work) & set(cached))
     result = train_fold(
         config,
         plan,
-        [cached[c] for c in split["train"]],
+        [cached[c] for c in [*split["train"], *extra]],
         [cached[c] for c in split["val"]],
         work / f"fold_{fold}",
         fold=fold,
         device=device,
         resume=resume,
+        init=init,
     )
     summary = {**dataclasses.asdict(result), "checkpoint": str(result.checkpoint)}
-    atomic_write_text(work / f"fold_{fold}" / FOLD_RESULT, json.dumps(summary, indent=1) + "\n")
-    print(
-        f"fold {fold}: best validation Dice {result.best_dice:.4f} at epoch "
-        f"{result.best_epoch} of {result.epochs_run}"
-    )
+    if _is_main_process():
+        atomic_write_text(work / f"fold_{fold}" / FOLD_RESULT, json.dumps(summary, indent=1) + "\n")
+        print(
+            f"fold {fold}: best validation Dice {result.best_dice:.4f} at epoch "
+            f"{result.best_epoch} of {result.epochs_run}"
+        )
     return summary
 
 
@@ -172,32 +304,44 @@ def cmd_train(args: argparse.Namespace) -> int:
         _work_plan(args.work),
         args.device,
         args.resume,
+        args.init,
     )
     return 0
 
 
+def _fold_checkpoints(work: Path, folds: int) -> list[Path]:
+    paths = [work / f"fold_{k}" / "best.pt" for k in range(folds)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise WorkflowError(
+            f"{work}: fold(s) not trained ({', '.join(missing)}); run `python -m training cv` "
+            "(or `train --fold k`) first"
+        )
+    return paths
+
+
 def cmd_cv(args: argparse.Namespace) -> int:
-    from training.crossval import (
-        SPLITS_FILE,
-        load_or_make_splits,
-        predict_out_of_fold,
-        select_postprocessing,
-    )
+    from training.crossval import predict_out_of_fold, select_postprocessing
     from training.export import load_network
     from training.trainer import resolve_device
 
     work = args.work
     config, plan = _work_config(work), _work_plan(work)
     cached = _cached_by_id(work)
-    splits = load_or_make_splits(work / SPLITS_FILE, list(cached), config.cv.folds, config.cv.seed)
-    for fold in range(len(splits)):
+    splits = _splits(work, config, cached)
+    resolve_device(args.device)  # a missing GPU is reported before any fold is trained
+    for fold, split in enumerate(splits):
         if (work / f"fold_{fold}" / FOLD_RESULT).is_file() and args.resume:
             print(f"fold {fold}: already trained")
             continue
-        _train_one(work, fold, config, plan, args.device, args.resume)
-    networks = [
-        load_network(work / f"fold_{k}" / "best.pt", config, plan) for k in range(len(splits))
-    ]
+        _train_one(work, fold, config, plan, args.device, args.resume, args.init)
+        if _is_main_process():
+            # Out-of-fold predictions of an earlier model of this fold are stale now.
+            for case_id in split["val"]:
+                (work / OOF_DIR / f"{case_id}.npz").unlink(missing_ok=True)
+    if not _is_main_process():
+        return 0  # out-of-fold prediction and selection are rank 0's
+    networks = [load_network(path, config, plan) for path in _fold_checkpoints(work, len(splits))]
     dataset = _work_dataset(work)
     cases = {c.case_id: c for c in dataset.labelled}
     device = resolve_device(args.device)
@@ -226,10 +370,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     work = args.work
     config, plan = _work_config(work), _work_plan(work)
-    checkpoints = sorted(work.glob("fold_*/best.pt"), key=lambda p: int(p.parent.name[5:]))
-    if not checkpoints:
-        raise WorkflowError(f"{work}: no trained fold (fold_*/best.pt); run train or cv first")
-    if "cross_validation" not in plan.training:
+    if "cross_validation" in plan.training:
+        checkpoints = _fold_checkpoints(work, int(plan.training["cross_validation"]["folds"]))
+    else:
+        checkpoints = sorted(
+            work.glob("fold_*/best.pt"), key=lambda p: int(p.parent.name.removeprefix("fold_"))
+        )
+        if not checkpoints:
+            raise WorkflowError(
+                f"{work}: no trained fold (fold_*/best.pt); run `python -m training cv` first"
+            )
         log.warning("exporting without cross-validation: post-processing keeps plan defaults")
     real = []
     for case in list(_cached_by_id(work).values())[:2]:
@@ -239,6 +389,41 @@ def cmd_export(args: argparse.Namespace) -> int:
             real.append(np.asarray(image[None, :, : patch[0], : patch[1], : patch[2]]))
     exported = export_model(checkpoints, config, plan, args.out, real_patches=real)
     print(f"exported {len(exported.inference.folds)} fold(s) to {args.out}")
+    return 0
+
+
+def cmd_pseudo_label(args: argparse.Namespace) -> int:
+    from training.crossval import SPLITS_FILE
+    from training.export import load_network
+    from training.self_training import write_pseudo_labels
+    from training.trainer import resolve_device
+
+    work = args.work
+    config, plan = _work_config(work), _work_plan(work)
+    if not (work / SPLITS_FILE).is_file():
+        raise WorkflowError(f"{work}: no trained folds; run `python -m training cv` first")
+    splits = json.loads((work / SPLITS_FILE).read_text(encoding="utf-8"))
+    dataset = _work_dataset(work)
+    if not dataset.unlabelled:
+        raise WorkflowError(
+            f"{dataset.root}: no unlabelled images (expected a folder such as "
+            "ImagesTr_unlabeled/ beside ImagesTr/)"
+        )
+    if "cross_validation" not in plan.training:
+        log.warning("pseudo-labelling without cross-validation: post-processing keeps defaults")
+    networks = [load_network(path, config, plan) for path in _fold_checkpoints(work, len(splits))]
+    written = write_pseudo_labels(
+        plan,
+        networks,
+        dataset.unlabelled,
+        args.out,
+        resolve_device(args.device),
+        amp=config.optim.amp,
+    )
+    print(
+        f"{len(written)} pseudo-label(s) from a {len(networks)}-fold ensemble in {args.out}; "
+        f"train on them with `python -m training plan ... --extra-labelled {args.out}`"
+    )
     return 0
 
 
@@ -252,44 +437,112 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, run, help_text: str, data=False, out=False, device=False):
+    def add(name: str, run, help_text: str, data=False, out=False, device=False, init=False):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--work", type=Path, required=True, help="work folder of this training")
         if data:
             p.add_argument("--data", type=Path, required=True, help="dataset folder")
             p.add_argument("--config", type=Path, help="YAML overriding training/default.yaml")
             p.add_argument("--task", choices=["task1", "task2"], help="override the detected task")
+            p.add_argument(
+                "--extra-labelled",
+                type=Path,
+                action="append",
+                metavar="DIR",
+                help="another dataset folder (e.g. from pseudo-label) whose cases join every "
+                "fold's training set; repeatable",
+            )
         if out:
-            p.add_argument("--out", type=Path, required=True, help="model folder to write")
+            p.add_argument("--out", type=Path, required=True, help=out)
         if device:
             p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+        if init:
             p.add_argument("--resume", action="store_true", help="continue interrupted training")
+            p.add_argument(
+                "--init",
+                type=Path,
+                metavar="CHECKPOINT",
+                help="fine-tune: start from the tensors of CHECKPOINT that match by name and shape",
+            )
         p.set_defaults(run=run)
         return p
 
+    model = "model folder to write"
     add("plan", cmd_plan, "check the dataset, fingerprint it and write plan.json", data=True)
     add("preprocess", cmd_preprocess, "preprocess every case once into the cache")
-    train = add("train", cmd_train, "train one fold", device=True)
+    train = add("train", cmd_train, "train one fold", device=True, init=True)
     train.add_argument("--fold", type=int, required=True)
-    add("cv", cmd_cv, "train all folds, predict out-of-fold, choose post-processing", device=True)
-    add("export", cmd_export, "export the folds to ONNX with plan.json and a model card", out=True)
+    add(
+        "cv",
+        cmd_cv,
+        "train all folds, predict out-of-fold, choose post-processing",
+        device=True,
+        init=True,
+    )
+    add("export", cmd_export, "export the folds to ONNX with plan.json and a model card", out=model)
+    add(
+        "pseudo-label",
+        cmd_pseudo_label,
+        "segment the dataset's unlabelled images with the cross-validation ensemble",
+        out="dataset folder to write (PANTHER layout) for plan --extra-labelled",
+        device=True,
+    )
     add(
         "all",
         cmd_all,
         "plan, preprocess, cv and export in one go",
         data=True,
-        out=True,
+        out=model,
         device=True,
+        init=True,
     )
     return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "wrong input or order of steps" (exit 2 with the message) rather than
+    a bug (a traceback). Modules not imported yet cannot have raised theirs."""
+    kinds: list[type[BaseException]] = [WorkflowError, ConfigError, ValueError, OSError]
+    for module, name in (
+        ("training.cache", "CacheError"),
+        ("training.export", "ExportError"),
+        ("training.trainer", "DeviceError"),
+    ):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return tuple(kinds)
+
+
+DISTRIBUTED_COMMANDS = ("train", "cv")
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command; under torchrun (WORLD_SIZE > 1) inside one process group for the whole
+    command, so that the trainer and the steps around it share it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return args.run(args)
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise WorkflowError(
+            f"only {' and '.join(DISTRIBUTED_COMMANDS)} run under torchrun; run "
+            f"`python -m training {args.command}` in a single process"
+        )
+    from training.trainer import DistributedContext, resolve_device
+
+    context = DistributedContext.from_environment(resolve_device(args.device))
+    try:
+        return args.run(args)
+    finally:
+        context.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        return args.run(args)
-    except (WorkflowError, ConfigError, ValueError, OSError) as error:
+        return _run(args)
+    except Exception as error:
+        if not isinstance(error, _expected_errors()):
+            raise
         print(f"python -m training {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -146,8 +146,38 @@ def _merge(instance: Any, values: dict[str, Any], where: str, prefix: str = "") 
         if dataclasses.is_dataclass(current):
             _merge(current, value, where, f"{prefix}{key}.")
         else:
-            setattr(instance, key, value)
+            setattr(instance, key, _checked(value, str(fields[key].type), where, prefix + key))
     return instance
+
+
+def _checked(value: Any, annotation: str, where: str, name: str) -> Any:
+    """`value` as the field's declared type (bool, int, float, str or list, optionally None).
+
+    YAML 1.1, which PyYAML reads, takes `1e-4` (no dot) for a string: such a string is read as
+    the float it means rather than failing deep inside PyTorch."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"{where}: '{name}' must not be empty (null)")
+    kind = kinds[0]
+    if kind == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    expected = {
+        "bool": (bool,),
+        "int": (int,),
+        "float": (int, float),
+        "str": (str,),
+    }.get(kind, (list,) if kind.startswith("list") else (object,))
+    wrong_bool = isinstance(value, bool) and bool not in expected
+    if wrong_bool or not isinstance(value, expected):
+        what = {"bool": "true or false", "int": "a whole number", "float": "a number"}
+        described = what.get(kind, "a list" if kind.startswith("list") else f"a {kind}")
+        raise ConfigError(f"{where}: '{name}' must be {described}, got {value!r}")
+    return float(value) if kind == "float" else value
 
 
 def load_config(path: Path | None = None) -> TrainingConfig:

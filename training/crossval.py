@@ -11,7 +11,6 @@ import itertools
 import json
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from pantherseg.pipeline import Segmenter
 from pantherseg.plan import PancreasGuidance, Plan, Postprocessing
 from pantherseg.postprocess import postprocess
 from training.config import TrainingConfig
-from training.data import Case
+from training.data import Case, parallel_map
 from training.trainer import torch_predictor
 
 log = logging.getLogger("pantherseg.training")
@@ -154,16 +153,15 @@ def select_postprocessing(
     Dice) on the out-of-fold predictions, its settings, and every variant's aggregates."""
     candidates = candidate_settings(config, plan)
     tasks = [(path, cases[path.stem].label, candidates) for path in oof_files]
-    per_case = []
-    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for scores in tqdm(
-            pool.map(_score_case_variants, tasks),
-            total=len(tasks),
-            desc="post-processing variants",
-            unit="case",
-            disable=not progress,
-        ):
-            per_case.append(scores)
+    if not tasks:
+        raise ValueError("no out-of-fold predictions to choose post-processing on")
+    # Spawned worker processes (or this one for jobs=1): a forked copy of a process that has run
+    # torch's thread pools can deadlock.
+    per_case = list(
+        parallel_map(
+            _score_case_variants, tasks, max(1, jobs), progress, "post-processing variants"
+        )
+    )
     summaries = {
         name: metrics.aggregate([scores[name] for scores in per_case]) for name in candidates
     }

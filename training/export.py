@@ -83,7 +83,7 @@ def parity_batches(plan: Plan, real: Sequence[np.ndarray], seed: int = 0) -> lis
     rng = np.random.default_rng(seed)
     patch = plan.inference.patch_size_zyx
     batches = [rng.standard_normal((n, 1, *patch)).astype(np.float32) for n in (1, 2)]
-    return batches + [np.asarray(p, dtype=np.float32) for p in real]
+    return batches + [np.array(p, dtype=np.float32) for p in real]  # copies: mmaps are read-only
 
 
 def export_model(
@@ -96,20 +96,29 @@ def export_model(
 ) -> Plan:
     """Exports every fold, checks parity, and writes plan.json and the model card."""
     model_dir = Path(model_dir)
-    folds, differences = [], {}
-    for index, checkpoint in enumerate(fold_checkpoints):
-        network = load_network(checkpoint, config, plan)
-        path = export_onnx(network, plan, model_dir / f"fold_{index}.onnx", config.export.opset)
-        worst = parity(network, path, parity_batches(plan, real_patches, seed=index))
-        differences[path.name] = worst
-        log.info("%s: largest |torch - onnxruntime| difference %.2e", path.name, worst)
-        if not worst <= config.export.tolerance:
-            path.unlink()
-            raise ExportError(
-                f"{path.name}: onnxruntime differs from PyTorch by {worst:.3g}, more than the "
-                f"tolerance {config.export.tolerance}"
-            )
-        folds.append(FoldWeights(path.name, sha256_of(path)))
+    if not fold_checkpoints:
+        raise ExportError("no fold checkpoints to export")
+    folds, differences, written = [], {}, []
+    try:
+        for index, checkpoint in enumerate(fold_checkpoints):
+            network = load_network(checkpoint, config, plan)
+            path = model_dir / f"fold_{index}.onnx"
+            written.append(path)
+            export_onnx(network, plan, path, config.export.opset)
+            worst = parity(network, path, parity_batches(plan, real_patches, seed=index))
+            differences[path.name] = worst
+            log.info("%s: largest |torch - onnxruntime| difference %.2e", path.name, worst)
+            if not worst <= config.export.tolerance:
+                raise ExportError(
+                    f"{path.name}: onnxruntime differs from PyTorch by {worst:.3g}, more than the "
+                    f"tolerance {config.export.tolerance}"
+                )
+            folds.append(FoldWeights(path.name, sha256_of(path)))
+    except BaseException:
+        # No half-exported model: every fold of this export goes, the ones that passed too.
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     training = {
         **plan.training,
         "export": {"max_abs_difference": differences, "opset": config.export.opset},

@@ -4,6 +4,17 @@ real pantherseg sliding window, checkpoints that a killed run resumes from exact
 Exact resumption rests on two rules: every random draw of the data pipeline is seeded from
 (seed, fold, epoch, item), never from a generator's running state, and the checkpoint written at
 the end of each epoch holds everything else (weights, optimiser, scheduler, scaler, history).
+
+Fine-tuning (`train_fold(..., init=CHECKPOINT)`, `--init` on the command line): before the first
+epoch, every tensor of the checkpoint whose name and shape match the network's is loaded; the
+others keep their fresh initialisation. Which tensors matched and which were skipped is logged and
+written to `<fold>/init.json`. A resumed run continues from its own `last.pt` and ignores `init`.
+
+Distributed training (`torchrun --nproc_per_node N -m training train ...`): one process per GPU
+(NCCL), or per CPU process with gloo. Each process draws every N-th item of the epoch, so the N
+processes together see the same patches as one process with an N times larger batch; gradients
+are averaged by DistributedDataParallel, validation runs on rank 0 and its result is broadcast,
+and only rank 0 writes checkpoints, logs and curves.
 """
 
 from __future__ import annotations
@@ -12,9 +23,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +52,17 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 HISTORY_FILE = "history.json"
 CURVES_FILE = "curves.png"
+INIT_REPORT = "init.json"
+TENSORBOARD_DIR = "tensorboard"
 # Purposes mixed into derived seeds, so that streams for different uses never coincide.
 _INIT, _SAMPLE, _AUGMENT = 1, 2, 3
+# Rank 0 validates while the other processes wait for its result; whole-case validation of a
+# large fold on a slow GPU must not trip the collective's timeout.
+_DISTRIBUTED_TIMEOUT = timedelta(minutes=60)
+
+
+class DeviceError(RuntimeError):
+    """A device that was asked for and is not there."""
 
 
 class PatchDataset(Dataset):
@@ -121,6 +143,7 @@ def validate_cases(
 class DistributedContext:
     rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # this context started the process group, so it ends it
 
     @property
     def is_main(self) -> bool:
@@ -132,9 +155,14 @@ class DistributedContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+        owns = not dist.is_initialized()
+        if owns:
+            if device.type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo", timeout=_DISTRIBUTED_TIMEOUT
+            )
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
 
     def broadcast(self, value: object) -> object:
         if self.world_size == 1:
@@ -142,6 +170,113 @@ class DistributedContext:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rank_indices(length: int, rank: int, world_size: int, batch_size: int) -> list[int]:
+    """The items of an epoch of `length` that process `rank` of `world_size` trains on: every
+    `world_size`-th one, the same number of whole batches on every process (DDP needs every
+    process to take the same number of steps, or the gradient all-reduce waits forever)."""
+    per_rank = length // world_size // batch_size * batch_size
+    if per_rank == 0:
+        raise ValueError(
+            f"{length} patches per epoch cannot give each of {world_size} processes a batch of "
+            f"{batch_size}: raise optim.iterations_per_epoch to at least {world_size}"
+        )
+    return list(range(rank, per_rank * world_size, world_size))
+
+
+def epoch_loader(
+    dataset: Dataset,
+    indices: Sequence[int],
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Batches of `dataset[indices]` in order. Each item seeds itself from (seed, fold, epoch,
+    index), so the batches are the same whatever the number of worker processes."""
+    return DataLoader(
+        torch.utils.data.Subset(dataset, list(indices)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+    )
+
+
+@dataclass
+class InitReport:
+    """What `load_matching_weights` took from a checkpoint."""
+
+    source: str
+    matched: list[str] = field(default_factory=list)
+    # network tensor -> why it kept its own initialisation
+    skipped: dict[str, str] = field(default_factory=dict)
+    unused: list[str] = field(default_factory=list)  # checkpoint tensors the network lacks
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.matched)} tensor(s) loaded from {self.source}, {len(self.skipped)} kept "
+            f"their initialisation, {len(self.unused)} of the checkpoint unused"
+        )
+
+
+def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: this trainer's (`{"network": ...}`), a `{"state_dict": ...}`
+    file or a bare state dict; the `module.` prefix of a saved DDP model is dropped."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: checkpoint not found") from None
+    except Exception as error:  # torch raises many kinds for a file that is not a checkpoint
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({error})") from None
+    for key in ("network", "state_dict", "model"):
+        if isinstance(content, dict) and isinstance(content.get(key), dict):
+            content = content[key]
+            break
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: holds no state dict of tensors")
+    tensors = {}
+    for name, value in content.items():
+        if isinstance(value, torch.Tensor):
+            tensors[name.removeprefix("module.")] = value
+    return tensors
+
+
+def load_matching_weights(network: torch.nn.Module, checkpoint: Path) -> InitReport:
+    """Loads every tensor of `checkpoint` whose name and shape match `network`'s (fine-tuning
+    from pretrained weights); the rest of the network keeps its initialisation. An error when
+    nothing matches: that is the wrong file, not a fine-tuning."""
+    source = _checkpoint_tensors(Path(checkpoint))
+    own = network.state_dict()
+    report = InitReport(str(checkpoint))
+    take = {}
+    for name, tensor in own.items():
+        if name not in source:
+            report.skipped[name] = "not in the checkpoint"
+        elif tuple(source[name].shape) != tuple(tensor.shape):
+            report.skipped[name] = (
+                f"shape {tuple(source[name].shape)} in the checkpoint, {tuple(tensor.shape)} here"
+            )
+        else:
+            take[name] = source[name].to(dtype=tensor.dtype)
+            report.matched.append(name)
+    report.unused = sorted(set(source) - set(own))
+    if not take:
+        raise ValueError(
+            f"{checkpoint}: no tensor matches the network by name and shape; is it a checkpoint "
+            "of this network type?"
+        )
+    network.load_state_dict(take, strict=False)
+    return report
 
 
 def _save_atomically(state: dict, path: Path) -> None:
@@ -224,6 +359,7 @@ class FoldResult:
     epochs_run: int
     checkpoint: Path
     stopped_early: bool
+    init: dict | None = None  # the InitReport of a fine-tuning, as a dict
 
 
 def train_fold(
@@ -236,59 +372,120 @@ def train_fold(
     device: str = "auto",
     resume: bool = False,
     progress: bool = True,
+    init: Path | None = None,
 ) -> FoldResult:
-    """Trains one fold into `out_dir`; `resume` continues from `out_dir/last.pt` exactly."""
+    """Trains one fold into `out_dir`; `resume` continues from `out_dir/last.pt` exactly, `init`
+    starts from the matching tensors of a checkpoint (fine-tuning).
+
+    Model selection: the epoch with the best validation Dice is saved as `best.pt` (without
+    validation cases, the lowest training loss). When validation never yields a Dice (no tumor in
+    any validation case), `best.pt` holds the last epoch's weights.
+    """
+    torch_device = resolve_device(device)
+    context = DistributedContext.from_environment(torch_device)
+    try:
+        if torch_device.type == "cuda" and context.world_size > 1:
+            torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(torch_device)
+        return _train(
+            config,
+            plan,
+            train_cases,
+            val_cases,
+            Path(out_dir),
+            fold,
+            torch_device,
+            context,
+            resume=resume,
+            progress=progress,
+            init=init,
+        )
+    finally:
+        context.close()
+
+
+def _train(
+    config: TrainingConfig,
+    plan: Plan,
+    train_cases: Sequence[CachedCase],
+    val_cases: Sequence[CachedCase],
+    out_dir: Path,
+    fold: int,
+    torch_device: torch.device,
+    context: DistributedContext,
+    resume: bool,
+    progress: bool,
+    init: Path | None,
+) -> FoldResult:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    torch_device = resolve_device(device)
-    context = DistributedContext.from_environment(torch_device)
-    if torch_device.type == "cuda" and context.world_size > 1:
-        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(torch_device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(derived_seed(config.seed, _INIT, fold))
-    network = build_network(config.network, plan).to(torch_device)
+    network = build_network(config.network, plan)
     loss_function = build_loss(config.loss, plan)
+    state = {"epoch": 0, "best_dice": -math.inf, "best_epoch": 0, "stale_epochs": 0, "history": []}
+    last = out_dir / LAST_CHECKPOINT
+    checkpoint = None
+    init_report = None
+    if resume and last.is_file():
+        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+        network.load_state_dict(checkpoint["network"])
+        state = checkpoint["state"]
+        log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
+        if (out_dir / INIT_REPORT).is_file():
+            init_report = json.loads((out_dir / INIT_REPORT).read_text(encoding="utf-8"))
+    elif resume:
+        log.info("fold %d: nothing to resume in %s, starting afresh", fold, out_dir)
+    report = None
+    if checkpoint is None and init is not None:
+        # Before anything in out_dir changes: a wrong --init must not cost the earlier run.
+        report = load_matching_weights(network, Path(init))
+        init_report = asdict(report)
+    if checkpoint is None and context.is_main:
+        # A fresh start must not leave an earlier run's files to be taken for this one's.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT, HISTORY_FILE, INIT_REPORT):
+            (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
+        if report is not None:
+            log.info("fold %d: %s", fold, report.summary())
+            for name, reason in report.skipped.items():
+                log.info("  kept initialisation: %s (%s)", name, reason)
+            (out_dir / INIT_REPORT).write_text(json.dumps(init_report, indent=1) + "\n")
+    context.barrier()
+    network = network.to(torch_device)
     optimizer = _optimizer(config, network.parameters())
     scheduler = _scheduler(config, optimizer)
     use_amp = config.optim.amp and torch_device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    state = {"epoch": 0, "best_dice": -math.inf, "best_epoch": 0, "stale_epochs": 0, "history": []}
-    last = out_dir / LAST_CHECKPOINT
-    if resume and last.is_file():
-        checkpoint = torch.load(last, map_location=torch_device, weights_only=False)
-        network.load_state_dict(checkpoint["network"])
+    if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        state = checkpoint["state"]
-        log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
-    elif resume:
-        log.info("fold %d: nothing to resume in %s, starting afresh", fold, out_dir)
     model = network
     if context.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[torch_device.index] if torch_device.type == "cuda" else None
         )
     dataset = PatchDataset(train_cases, config, plan, fold)
-    indices = list(range(context.rank, len(dataset), context.world_size))
-    writer = SummaryWriter(str(out_dir / "tensorboard")) if context.is_main else None
-    stopped_early = False
+    indices = rank_indices(
+        len(dataset), context.rank, context.world_size, config.sampling.batch_size
+    )
+    writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR)) if context.is_main else None
+    patience = config.optim.patience
     try:
-        while state["epoch"] < config.optim.epochs:
+        while state["epoch"] < config.optim.epochs and state["stale_epochs"] < patience:
             epoch = state["epoch"] + 1
             started = time.perf_counter()
             dataset.epoch = epoch
-            loader = DataLoader(
-                torch.utils.data.Subset(dataset, indices),
-                batch_size=config.sampling.batch_size,
-                shuffle=False,
-                num_workers=config.sampling.workers,
+            loader = epoch_loader(
+                dataset,
+                indices,
+                config.sampling.batch_size,
+                config.sampling.workers,
                 pin_memory=torch_device.type == "cuda",
-                drop_last=True,
             )
+            lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
             model.train()
             losses = []
             bar = tqdm(
@@ -303,7 +500,8 @@ def train_fold(
                 labels = labels.to(torch_device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(torch_device, config.optim.amp):
-                    loss = loss_function(model(images), labels)
+                    outputs = model(images)
+                loss = loss_function(outputs, labels)  # in float32 (the losses upcast)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(network.parameters(), config.optim.grad_clip)
@@ -313,7 +511,7 @@ def train_fold(
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             train_loss = float(np.mean(losses)) if losses else math.nan
             if context.world_size > 1:
-                total = torch.tensor([train_loss], device=torch_device)
+                total = torch.tensor([train_loss], dtype=torch.float64, device=torch_device)
                 dist.all_reduce(total)
                 train_loss = float(total.item()) / context.world_size
             validation = {"dice": math.nan, "hd95": math.nan}
@@ -346,16 +544,17 @@ def train_fold(
                 "train_loss": train_loss,
                 "val_dice": validation["dice"],
                 "val_hd95": validation["hd95"],
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": lr,
                 "seconds": time.perf_counter() - started,
             }
             state["history"].append(record)
             state["epoch"] = epoch
             if context.is_main:
-                if improved:
+                best = out_dir / BEST_CHECKPOINT
+                if improved or (state["best_epoch"] == 0 and not best.is_file()):
+                    # No score yet (validation without tumor): the latest weights stand in.
                     _save_atomically(
-                        {"network": network.state_dict(), "epoch": epoch, "score": score},
-                        out_dir / BEST_CHECKPOINT,
+                        {"network": network.state_dict(), "epoch": epoch, "score": score}, best
                     )
                 _save_atomically(
                     {
@@ -372,6 +571,7 @@ def train_fold(
                 for key in ("train_loss", "val_dice", "val_hd95", "lr"):
                     if not math.isnan(record[key]):
                         writer.add_scalar(key, record[key], epoch)
+                writer.flush()
                 log.info(
                     "fold %d epoch %d: loss %.4f, val Dice %.4f, lr %.2e, %.1fs",
                     fold,
@@ -381,14 +581,10 @@ def train_fold(
                     record["lr"],
                     record["seconds"],
                 )
-            if context.world_size > 1:
-                dist.barrier()
-            if state["stale_epochs"] >= config.optim.patience:
-                stopped_early = True
-                log.info(
-                    "fold %d: no improvement for %d epochs, stopping", fold, config.optim.patience
-                )
-                break
+            context.barrier()  # the checkpoint is complete before any process goes on
+        stopped_early = state["stale_epochs"] >= patience
+        if stopped_early:
+            log.info("fold %d: no improvement for %d epochs, stopped", fold, patience)
     finally:
         if writer is not None:
             writer.close()
@@ -399,6 +595,7 @@ def train_fold(
         state["epoch"],
         out_dir / BEST_CHECKPOINT,
         stopped_early,
+        init_report,
     )
 
 
@@ -407,7 +604,10 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA device")
+        raise DeviceError(
+            "device 'cuda' was asked for, but PyTorch sees no CUDA device (torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu"
+        )
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cuda or cpu, not {device!r}")
     return torch.device(device)

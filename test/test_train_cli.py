@@ -1,0 +1,189 @@
+"""`python -m training`: the whole workflow on a tiny dataset, `all` in one go, self-training with
+pseudo-labels and fine-tuning, and exit status 2 with a clear message for what a user gets wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from training_fixtures import UNLABELLED_DIR, tiny_setup, write_config  # noqa: F401
+
+from pantherseg.io import Geometry
+from pantherseg.plan import load_plan
+from training.__main__ import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+WORK_FILES = [
+    "config.yaml",
+    "dataset.json",
+    "fingerprint.json",
+    "plan.json",
+    "cache/cache.json",
+    "splits.json",
+    "fold_0/best.pt",
+    "fold_0/last.pt",
+    "fold_0/result.json",
+    "fold_1/best.pt",
+    "fold_1/result.json",
+    "cross_validation.json",
+]
+MODEL_FILES = ["fold_0.onnx", "fold_1.onnx", "plan.json", "README.md", "metadata.json"]
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def check_trained(work, model, n_cases):
+    for name in WORK_FILES:
+        assert (work / name).is_file(), name
+    assert len(list((work / "out_of_fold").glob("*.npz"))) == n_cases
+    for name in MODEL_FILES:
+        assert (model / name).is_file(), name
+    cv = json.loads((work / "cross_validation.json").read_text())
+    exported = load_plan(model)  # with the sha256 of both folds
+    assert exported.training["cross_validation"]["selected"] == cv["selected"]
+    assert exported.postprocessing.threshold == 0.5  # the only threshold tried
+    assert exported.training["data"]["synthetic"] is True
+
+
+def test_plan_preprocess_cv_export(tiny, tmp_path, capsys):
+    work, model = tmp_path / "work", tmp_path / "model"
+    assert run("plan", "--data", tiny.root, "--work", work, "--config", tiny.config_path) == 0
+    assert run("preprocess", "--work", work) == 0
+    assert run("cv", "--work", work, "--device", "cpu") == 0
+    assert run("export", "--work", work, "--out", model) == 0
+    check_trained(work, model, len(tiny.dataset.labelled))
+    out = capsys.readouterr().out
+    assert "4 labelled and 1 unlabelled cases" in out and "out-of-fold Dice" in out
+    assert "exported 2 fold(s)" in out
+    # A rerun with --resume keeps the trained folds and their predictions.
+    stamp = (work / "fold_0" / "best.pt").stat().st_mtime_ns
+    assert run("cv", "--work", work, "--device", "cpu", "--resume") == 0
+    assert (work / "fold_0" / "best.pt").stat().st_mtime_ns == stamp
+    assert "fold 0: already trained" in capsys.readouterr().out
+    # Without --resume the folds are trained again, and their old predictions are not reused.
+    oof = next((work / "out_of_fold").glob("*.npz"))
+    oof.write_bytes(b"stale")
+    assert run("cv", "--work", work, "--device", "cpu") == 0
+    assert (work / "fold_0" / "best.pt").stat().st_mtime_ns != stamp
+    assert (
+        np.load(oof)["tumor"].shape
+        == sitk.ReadImage(str(tiny.dataset.labelled[0].image)).GetSize()[::-1]
+    )
+
+
+def test_all_then_pseudo_labels_and_a_fine_tuned_second_round(tiny, tmp_path):
+    work, model = tmp_path / "work", tmp_path / "model"
+    common = ["--config", tiny.config_path, "--device", "cpu"]
+    assert run("all", "--data", tiny.root, "--work", work, "--out", model, *common) == 0
+    check_trained(work, model, len(tiny.dataset.labelled))
+
+    pseudo = tmp_path / "pseudo"
+    assert run("pseudo-label", "--work", work, "--out", pseudo, "--device", "cpu") == 0
+    (source,) = (tiny.root / UNLABELLED_DIR).iterdir()
+    case_id = source.name.removesuffix("_0000.mha")
+    label_path = pseudo / "LabelsTr" / f"{case_id}.mha"
+    label, image = sitk.ReadImage(str(label_path)), sitk.ReadImage(str(source))
+    assert not Geometry.of(image).differences(Geometry.of(label))
+    assert set(np.unique(sitk.GetArrayViewFromImage(label)).tolist()) <= {0, 1}
+    assert (pseudo / "ImagesTr" / f"{case_id}_0000.mha").read_bytes() == source.read_bytes()
+    manifest = json.loads((pseudo / "pseudo_labels.json").read_text())
+    assert [c["case_id"] for c in manifest["cases"]] == [case_id] and manifest["folds"] == 2
+
+    second = tmp_path / "work2"
+    args = ["--data", tiny.root, "--work", second, "--config", tiny.config_path]
+    assert run("plan", *args, "--extra-labelled", pseudo) == 0
+    described = json.loads((second / "dataset.json").read_text())
+    assert described["extra_labelled"][0]["cases"] == [case_id]
+    # The plan is fingerprinted on the annotated cases alone.
+    assert load_plan(second, verify_weights=False).preprocessing == tiny.plan.preprocessing
+    assert run("preprocess", "--work", second) == 0
+    assert len(json.loads((second / "cache" / "cache.json").read_text())["cases"]) == 5
+    init = work / "fold_0" / "best.pt"
+    assert run("cv", "--work", second, "--device", "cpu", "--init", init) == 0
+    splits = json.loads((second / "splits.json").read_text())
+    assert sorted(c for s in splits for c in s["val"]) == [
+        c.case_id for c in tiny.dataset.labelled
+    ]  # the pseudo-labelled case only ever trains
+    assert len(list((second / "out_of_fold").glob("*.npz"))) == 4
+    report = json.loads((second / "fold_1" / "init.json").read_text())
+    assert report["skipped"] == {} and report["source"] == str(init)
+    result = json.loads((second / "fold_1" / "result.json").read_text())
+    assert result["init"]["matched"] == report["matched"]
+    assert torch.load(second / "fold_1" / "best.pt", weights_only=False)["network"]
+
+
+def test_steps_out_of_order_are_exit_2(tiny, tmp_path, capsys):
+    work = tmp_path / "work"
+    assert run("preprocess", "--work", work) == 2
+    assert "run `python -m training plan` first" in capsys.readouterr().err
+    assert run("plan", "--data", tiny.root, "--work", work, "--config", tiny.config_path) == 0
+    assert run("cv", "--work", work, "--device", "cpu") == 2
+    assert "run `python -m training preprocess` first" in capsys.readouterr().err
+    assert run("preprocess", "--work", work) == 0
+    assert run("export", "--work", work, "--out", tmp_path / "model") == 2
+    assert "no trained fold" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+    assert run("pseudo-label", "--work", work, "--out", tmp_path / "pseudo") == 2
+    assert "no trained folds" in capsys.readouterr().err
+    assert run("train", "--work", work, "--fold", "7", "--device", "cpu") == 2
+    assert "fold 7 does not exist" in capsys.readouterr().err
+    missing = tmp_path / "nowhere.pt"
+    assert run("train", "--work", work, "--fold", "0", "--device", "cpu", "--init", missing) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run("cv", "--work", work, "--device", "cuda") == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert not (work / "fold_0").exists()
+
+
+def test_bad_config_key_is_exit_2(tiny, tmp_path, capsys):
+    config = write_config(tmp_path / "bad.yaml", optim={"epoch": 3})
+    assert run("plan", "--data", tiny.root, "--work", tmp_path / "work", "--config", config) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'optim.epoch'" in err and str(config) in err
+    assert not (tmp_path / "work").exists()
+
+
+def test_dataset_with_an_error_case_is_exit_2(tiny, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(tiny.root, root)
+    label_path = root / "LabelsTr" / "10001_0001.mha"
+    label = sitk.ReadImage(str(label_path))
+    array = sitk.GetArrayFromImage(label)
+    array[array == 2] = 5
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(label)
+    sitk.WriteImage(broken, str(label_path))
+    work = tmp_path / "work"
+    assert run("plan", "--data", root, "--work", work, "--config", tiny.config_path) == 2
+    err = capsys.readouterr().err
+    assert "error: 10001_0001:" in err and "label values 5" in err
+    assert "1 case(s) have errors" in err
+    assert not (work / "plan.json").exists()
+
+
+def test_config_values_are_checked_by_type(tmp_path):
+    from training.config import ConfigError, load_config
+
+    # YAML 1.1 reads 1e-4 as a string; it means a number.
+    (tmp_path / "a.yaml").write_text("optim: {lr: 1e-4}\n")
+    assert load_config(tmp_path / "a.yaml").optim.lr == 1e-4
+    with pytest.raises(ConfigError, match=r"'optim\.epochs' must be a whole number, got 2\.5"):
+        load_config(write_config(tmp_path / "b.yaml", optim={"epochs": 2.5}))
+    with pytest.raises(ConfigError, match=r"'optim\.amp' must be true or false"):
+        load_config(write_config(tmp_path / "c.yaml", optim={"amp": "yes please"}))
+    with pytest.raises(ConfigError, match=r"'cv\.thresholds' must be a list"):
+        load_config(write_config(tmp_path / "d.yaml", cv={"thresholds": 0.5}))
+
+
+def test_only_training_runs_under_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run("export", "--work", tmp_path, "--out", tmp_path / "model") == 2
+    assert "only train and cv run under torchrun" in capsys.readouterr().err

@@ -1,0 +1,304 @@
+"""The trainer: a smoke epoch writes everything, a killed run resumes exactly, early stopping,
+learning-rate schedules, device errors, worker-independent sampling, fine-tuning from a
+checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from training_fixtures import tiny_config, tiny_setup  # noqa: F401  (the `tiny` fixture)
+
+import training.trainer as trainer_module
+from training.config import TrainingConfig
+from training.networks import build_network
+from training.trainer import (
+    BEST_CHECKPOINT,
+    CURVES_FILE,
+    HISTORY_FILE,
+    INIT_REPORT,
+    LAST_CHECKPOINT,
+    DeviceError,
+    PatchDataset,
+    _optimizer,
+    _scheduler,
+    epoch_loader,
+    learning_rate_factor,
+    load_matching_weights,
+    rank_indices,
+    resolve_device,
+    train_fold,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["network"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_one_epoch_writes_checkpoints_history_curves_and_tensorboard(tiny, tmp_path):
+    train, val = tiny.split()
+    result = train_fold(tiny.config, tiny.plan, train, val, tmp_path, device="cpu", progress=False)
+    for name in (LAST_CHECKPOINT, BEST_CHECKPOINT, HISTORY_FILE, CURVES_FILE):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list(tmp_path.glob(".*partial*"))
+    history = json.loads((tmp_path / HISTORY_FILE).read_text())
+    assert [h["epoch"] for h in history] == [1]
+    assert math.isfinite(history[0]["train_loss"]) and 0 <= history[0]["val_dice"] <= 1
+    assert history[0]["lr"] == pytest.approx(tiny.config.optim.lr)
+    assert (result.epochs_run, result.best_epoch, result.stopped_early) == (1, 1, False)
+    assert result.checkpoint == tmp_path / BEST_CHECKPOINT
+    assert result.best_dice == pytest.approx(history[0]["val_dice"])
+    # The best weights load into a fresh network of the configuration.
+    build_network(tiny.config.network, tiny.plan).load_state_dict(weights(result.checkpoint))
+
+
+def test_killed_run_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """Two epochs straight equal one epoch, a kill, and a resumed run: same weights bit for bit,
+    same losses, same optimiser and scheduler (cosine with warm-up, so the schedule matters)."""
+    config = tiny_config(optim={"epochs": 2, "scheduler": "cosine", "warmup_epochs": 1})
+    train, val = tiny.split()
+    straight = train_fold(
+        config, tiny.plan, train, val, tmp_path / "a", device="cpu", progress=False
+    )
+
+    real_plot = trainer_module.plot_curves
+
+    def killed_after_first_checkpoint(history, path, title):
+        real_plot(history, path, title)
+        raise KeyboardInterrupt  # as if the process were killed once last.pt is written
+
+    monkeypatch.setattr(trainer_module, "plot_curves", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(config, tiny.plan, train, val, tmp_path / "b", device="cpu", progress=False)
+    monkeypatch.setattr(trainer_module, "plot_curves", real_plot)
+    assert torch.load(tmp_path / "b" / LAST_CHECKPOINT, weights_only=False)["state"]["epoch"] == 1
+    resumed = train_fold(
+        config, tiny.plan, train, val, tmp_path / "b", device="cpu", progress=False, resume=True
+    )
+
+    a = torch.load(tmp_path / "a" / LAST_CHECKPOINT, weights_only=False)
+    b = torch.load(tmp_path / "b" / LAST_CHECKPOINT, weights_only=False)
+    assert_same_weights(a["network"], b["network"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 2
+    moments_a = a["optimizer"]["state"]
+    moments_b = b["optimizer"]["state"]
+    for key in moments_a:
+        assert torch.equal(moments_a[key]["exp_avg"], moments_b[key]["exp_avg"])
+    history_a = json.loads((tmp_path / "a" / HISTORY_FILE).read_text())
+    history_b = json.loads((tmp_path / "b" / HISTORY_FILE).read_text())
+    for key in ("epoch", "train_loss", "val_dice", "lr"):
+        assert [h[key] for h in history_a] == [h[key] for h in history_b], key
+    assert (straight.best_epoch, straight.best_dice) == (resumed.best_epoch, resumed.best_dice)
+    assert_same_weights(weights(tmp_path / "a" / BEST_CHECKPOINT), weights(resumed.checkpoint))
+
+
+def test_one_epoch_then_resume_to_two_equals_two_straight(tiny, tmp_path):
+    """The plain way: a run configured for one epoch, continued by a run configured for two
+    (plateau schedule, which does not depend on the epoch count)."""
+    two = tiny_config(optim={"epochs": 2})
+    train, val = tiny.split()
+    train_fold(two, tiny.plan, train, val, tmp_path / "a", device="cpu", progress=False)
+    train_fold(tiny.config, tiny.plan, train, val, tmp_path / "b", device="cpu", progress=False)
+    train_fold(
+        two, tiny.plan, train, val, tmp_path / "b", device="cpu", progress=False, resume=True
+    )
+    assert_same_weights(
+        weights(tmp_path / "a" / LAST_CHECKPOINT), weights(tmp_path / "b" / LAST_CHECKPOINT)
+    )
+    losses = [
+        [h["train_loss"] for h in json.loads((tmp_path / d / HISTORY_FILE).read_text())]
+        for d in ("a", "b")
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_files(tiny, tmp_path):
+    train, val = tiny.split()
+    train_fold(tiny.config, tiny.plan, train, val, tmp_path, device="cpu", progress=False)
+    (tmp_path / BEST_CHECKPOINT).write_bytes(b"stale")
+    train_fold(tiny.config, tiny.plan, train, val, tmp_path, device="cpu", progress=False)
+    weights(tmp_path / BEST_CHECKPOINT)  # rewritten, loadable
+    assert len(json.loads((tmp_path / HISTORY_FILE).read_text())) == 1
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_early_stopping_with_patience_one(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        trainer_module, "validate_cases", lambda *args, **kwargs: {"dice": 0.5, "hd95": 3.0}
+    )
+    config = tiny_config(optim={"epochs": 5, "patience": 1})
+    train, val = tiny.split()
+    result = train_fold(config, tiny.plan, train, val, tmp_path, device="cpu", progress=False)
+    assert result.stopped_early and result.epochs_run == 2 and result.best_epoch == 1
+    # A resumed run that had stopped early stays stopped.
+    again = train_fold(
+        config, tiny.plan, train, val, tmp_path, device="cpu", progress=False, resume=True
+    )
+    assert again.stopped_early and again.epochs_run == 2
+
+
+def test_without_a_dice_the_last_weights_are_the_best(tiny, tmp_path, monkeypatch):
+    # Validation cases without tumor give no Dice; best.pt must still exist for export.
+    monkeypatch.setattr(
+        trainer_module, "validate_cases", lambda *a, **k: {"dice": math.nan, "hd95": math.nan}
+    )
+    train, val = tiny.split()
+    result = train_fold(tiny.config, tiny.plan, train, val, tmp_path, device="cpu", progress=False)
+    assert result.best_epoch == 0 and result.checkpoint.is_file()
+    assert_same_weights(weights(result.checkpoint), weights(tmp_path / LAST_CHECKPOINT))
+
+
+def schedule(config: TrainingConfig, scores=None) -> list[float]:
+    """The learning rate of each epoch, as the trainer steps the scheduler."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = _optimizer(config, [parameter])
+    scheduler = _scheduler(config, optimizer)
+    rates = []
+    for epoch in range(config.optim.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if scores is None:
+            scheduler.step()
+        else:
+            scheduler.step(scores[epoch])
+    return rates
+
+
+def test_poly_schedule():
+    config = tiny_config(optim={"scheduler": "poly", "epochs": 10, "lr": 0.01, "optimizer": "sgd"})
+    expected = [0.01 * (1 - e / 10) ** 0.9 for e in range(10)]
+    assert schedule(config) == pytest.approx(expected)
+    assert learning_rate_factor(10, config) == 0.0
+
+
+def test_cosine_schedule_with_warmup():
+    config = tiny_config(optim={"scheduler": "cosine", "epochs": 12, "warmup_epochs": 2})
+    factors = [r / config.optim.lr for r in schedule(config)]
+    assert factors[:3] == pytest.approx([0.1, 0.55, 1.0])  # linear warm-up from a tenth
+    assert factors[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * e / 10)) for e in range(10)])
+    assert factors[7] == pytest.approx(0.5)  # halfway
+
+
+def test_plateau_schedule_halves_after_patience():
+    config = tiny_config(
+        optim={"scheduler": "plateau", "epochs": 8, "plateau_patience": 2, "plateau_factor": 0.5}
+    )
+    rates = schedule(config, scores=[0.1, 0.2, 0.2, 0.2, 0.2, 0.3, 0.3, 0.3])
+    lr = config.optim.lr
+    # Better at epochs 0, 1 and 5; the rate halves after the third epoch without improvement.
+    assert rates == pytest.approx([lr, lr, lr, lr, lr, lr / 2, lr / 2, lr / 2])
+
+
+def test_unknown_schedule_or_optimizer_is_an_error():
+    with pytest.raises(ValueError, match=r"optim\.scheduler"):
+        schedule(tiny_config(optim={"scheduler": "step"}))
+    with pytest.raises(ValueError, match=r"optim\.optimizer"):
+        schedule(tiny_config(optim={"optimizer": "adam"}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(DeviceError, match=r"'cuda' was asked for.*no CUDA device.*--device cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="auto, cuda or cpu"):
+        resolve_device("tpu")
+
+
+def test_patches_depend_on_seed_fold_epoch_index_not_on_workers(tiny):
+    config = tiny_config(sampling={"batch_size": 2}, optim={"iterations_per_epoch": 3})
+    dataset = PatchDataset(tiny.cases, config, tiny.plan, fold=1)
+    dataset.epoch = 4
+    indices = list(range(len(dataset)))
+    batches = {
+        workers: list(epoch_loader(dataset, indices, 2, workers=workers)) for workers in (0, 2)
+    }
+    assert len(batches[0]) == len(batches[2]) == 3
+    for (image0, label0), (image2, label2) in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(image0, image2) and torch.equal(label0, label2)
+    image, label = dataset[3]  # alone, out of order
+    assert torch.equal(image, batches[0][1][0][1]) and torch.equal(label, batches[0][1][1][1])
+    dataset.epoch = 5
+    assert not torch.equal(dataset[3][0], image)  # another epoch, another patch
+    other_fold = PatchDataset(tiny.cases, config, tiny.plan, fold=0)
+    other_fold.epoch = 4
+    assert not torch.equal(other_fold[3][0], image)
+
+
+def test_rank_indices_give_every_process_the_same_number_of_batches():
+    parts = [rank_indices(14, rank, 4, 2) for rank in range(4)]
+    assert [len(p) for p in parts] == [2, 2, 2, 2]  # 3 items each would leave an odd batch
+    assert sorted(i for p in parts for i in p) == list(range(8))
+    assert rank_indices(6, 0, 1, 2) == list(range(6))
+    with pytest.raises(ValueError, match="iterations_per_epoch"):
+        rank_indices(4, 0, 4, 2)
+
+
+def test_init_loads_matching_tensors_and_reports_the_rest(tiny, tmp_path):
+    train, val = tiny.split()
+    source = tmp_path / "pretrained"
+    train_fold(tiny.config, tiny.plan, train, val, source, device="cpu", progress=False)
+    pretrained = weights(source / BEST_CHECKPOINT)
+
+    # Same architecture: everything matches; a zero-epoch run keeps exactly the loaded weights.
+    zero = tiny_config(optim={"epochs": 0})
+    result = train_fold(
+        zero,
+        tiny.plan,
+        train,
+        val,
+        tmp_path / "same",
+        device="cpu",
+        progress=False,
+        init=source / BEST_CHECKPOINT,
+    )
+    assert result.init["skipped"] == {} and len(result.init["matched"]) == len(pretrained)
+    network = build_network(tiny.config.network, tiny.plan)
+    report = load_matching_weights(network, source / BEST_CHECKPOINT)
+    assert_same_weights(network.state_dict(), pretrained)
+    assert report.unused == []
+
+    # Wider deeper levels: the full-resolution level matches, the wider ones are skipped.
+    wider = tiny_config(network={"max_features": 16})
+    result = train_fold(
+        wider,
+        tiny.plan,
+        train,
+        val,
+        tmp_path / "wider",
+        device="cpu",
+        progress=False,
+        init=source / BEST_CHECKPOINT,
+    )
+    report = json.loads((tmp_path / "wider" / INIT_REPORT).read_text())
+    assert report == result.init
+    assert "encoder.0.conv1.weight" in report["matched"]
+    assert "shape" in report["skipped"]["encoder.2.conv1.weight"]
+    assert report["skipped"] and report["matched"]
+
+    # A bare state dict of a DDP model (module. prefix) is understood too.
+    bare = tmp_path / "bare.pt"
+    torch.save({f"module.{k}": v for k, v in pretrained.items()}, bare)
+    assert len(load_matching_weights(network, bare).matched) == len(pretrained)
+
+
+def test_init_from_an_unrelated_checkpoint_is_an_error(tiny, tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(3, 3)}}, path)
+    network = build_network(tiny.config.network, tiny.plan)
+    with pytest.raises(ValueError, match="no tensor matches"):
+        load_matching_weights(network, path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read as a PyTorch checkpoint"):
+        load_matching_weights(network, tmp_path / "junk.pt")
