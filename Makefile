@@ -10,7 +10,7 @@ DEMO := out/demo
 $(BIN)/pantherseg: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
-	$(BIN)/pip install --quiet -e ".[eval,dev]"
+	$(BIN)/pip install --quiet -e ".[eval,dev,training]"
 	touch $@
 
 demo: $(BIN)/pantherseg
@@ -28,7 +28,7 @@ test: lint
 	$(BIN)/pytest
 
 bench: $(BIN)/pantherseg
-	$(BIN)/python bench/metrics.py
+	$(BIN)/python -m bench.metrics
 
 clean:
 	rm -rf out

@@ -5,9 +5,9 @@ ONNX with random weights (timing does not depend on the weights), planned at the
 spacing. Each configuration runs in a fresh process that imports only pantherseg (as the
 container does), so its peak RSS is the container's.
 
-    python bench/inference.py                 # 1 fold, no TTA, both grids, CPU
-    python bench/inference.py --ensemble 5    # also 5 folds with 8-fold mirroring
-    python bench/inference.py --device cuda   # onnxruntime-gpu, where installed
+    python -m bench.inference                 # 1 fold, no TTA, both grids, CPU
+    python -m bench.inference --ensemble 5    # also 5 folds with 8-fold mirroring
+    python -m bench.inference --device cuda   # onnxruntime-gpu, where installed
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def build_model(model_dir: Path, folds: int, mirror: bool) -> None:
 
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 import numpy as np, SimpleITK as sitk
 from pantherseg.pipeline import Segmenter, segment_file
@@ -75,7 +75,10 @@ start = time.perf_counter()
 segmenter = Segmenter.from_model_dir(Path(model), device=device)
 load = time.perf_counter() - start
 result = segment_file(segmenter, Path(image_path), Path(out))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+# VmHWM: this process's own peak. ru_maxrss would include the parent's peak at fork time,
+# which Linux carries across exec (here: the parent that loaded torch to export the network).
+status = Path("/proc/self/status").read_text()
+peak = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM"))) / 1024**2
 print(json.dumps({"load": load, **result.timings.seconds, "peak_gib": peak,
                   "provider": segmenter.description}))
 """

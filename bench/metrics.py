@@ -5,7 +5,7 @@ one, one with scattered false positives over the whole volume (the slow case, si
 box of both masks becomes the whole image), and file reading plus scoring through
 `evaluate.score_pair`.
 
-    python bench/metrics.py [--no-reference]
+    python -m bench.metrics [--no-reference]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Phantom generation speed: seconds to generate and to write one case per grid size.
 
-Run: python bench/synth.py [--seed N]
+Run: python -m bench.synth [--seed N]
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ sees one, the GPU.
   default configuration) over the cache of a few full-size phantoms preprocessed for the plan,
   in this process (0 workers) and with `sampling.workers` loader processes.
 
-    python bench/training.py                      # CPU (1 timed step), and the GPU if any
-    python bench/training.py --device cuda --steps 20
-    python bench/training.py --threads 1          # CPU threads of the step processes
+    python -m bench.training                      # CPU (1 timed step), and the GPU if any
+    python -m bench.training --device cuda --steps 20
+    python -m bench.training --threads 1          # CPU threads of the step processes
 
 A CPU step that fails at the default batch (out of memory on a small machine) is measured again
 at batch 1, and both rows are shown.
@@ -37,9 +37,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# This script is named like the package it measures: `import training` must find the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(ROOT))
 FINGERPRINT = ROOT / "test" / "data" / "panther_task1_fingerprint.json"
 NETWORKS = ("attention_unet", "dynunet")
 NNUNET_PATCH = (48, 192, 224)
@@ -134,7 +131,8 @@ def step_child(
 def run_step(name, device, patch, steps, warmup, threads, timeout, batch=0) -> dict:
     command = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "bench.training",
         "--child",
         json.dumps([name, device, patch, steps, warmup, threads, batch]),
     ]
