@@ -37,3 +37,14 @@ def rotation(axis, degrees: float) -> tuple[float, ...]:
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     matrix = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
     return tuple(matrix.ravel())
+
+
+def replace_label_value(path: Path, old: int, new: int) -> None:
+    """Rewrites a label file with `old` voxels set to `new`, keeping its geometry: a broken
+    ground truth for validation tests."""
+    label = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(label)
+    array[array == old] = new
+    changed = sitk.GetImageFromArray(array)
+    changed.CopyInformation(label)
+    sitk.WriteImage(changed, str(path))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from imaging import replace_label_value
 
 import training.cache as cache_module
 from pantherseg.io import check_inference_image, read_image
@@ -210,12 +211,7 @@ def test_label_value_outside_the_classes_is_an_error(dataset_root, plan, tmp_pat
     shutil.copytree(dataset_root, root)
     local = discover(root)
     label_path = local.labelled[1].label
-    label = sitk.ReadImage(str(label_path))
-    array = sitk.GetArrayFromImage(label)
-    array[array == 2] = 5
-    changed = sitk.GetImageFromArray(array)
-    changed.CopyInformation(label)
-    sitk.WriteImage(changed, str(label_path))
+    replace_label_value(label_path, 2, 5)
     with pytest.raises(CacheError, match=r"case 10001_0001:.*label values \[5\]"):
         preprocess_dataset(local, plan, tmp_path / "cache", jobs=1, progress=False)
 

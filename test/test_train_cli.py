@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from imaging import replace_label_value
 from training_fixtures import UNLABELLED_DIR, tiny_setup, write_config  # noqa: F401
 
 from pantherseg.io import Geometry
@@ -155,12 +156,7 @@ def test_dataset_with_an_error_case_is_exit_2(tiny, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(tiny.root, root)
     label_path = root / "LabelsTr" / "10001_0001.mha"
-    label = sitk.ReadImage(str(label_path))
-    array = sitk.GetArrayFromImage(label)
-    array[array == 2] = 5
-    broken = sitk.GetImageFromArray(array)
-    broken.CopyInformation(label)
-    sitk.WriteImage(broken, str(label_path))
+    replace_label_value(label_path, 2, 5)
     work = tmp_path / "work"
     assert run("plan", "--data", root, "--work", work, "--config", tiny.config_path) == 2
     err = capsys.readouterr().err
