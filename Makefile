@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := out/demo
 
-.PHONY: demo test lint bench clean container container-test container-export
+.PHONY: demo demo-evaluation test lint bench clean container container-test container-export
 
 $(BIN)/pantherseg: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,12 +13,23 @@ $(BIN)/pantherseg: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[eval,dev,training]"
 	touch $@
 
+# The container's entrypoint on the bundled sample case with the shipped model, then its scores.
 demo: $(BIN)/pantherseg
-	$(BIN)/pantherseg synth $(DEMO)/phantoms --cases 6 --size small --seed 1
-	$(BIN)/python examples/perturbed_predictions.py $(DEMO)/phantoms $(DEMO)/predictions
-	$(BIN)/pantherseg evaluate --quiet --gt $(DEMO)/phantoms/LabelsTr \
-	  --pred $(DEMO)/predictions/exact $(DEMO)/predictions/eroded $(DEMO)/predictions/shifted \
-	  --images $(DEMO)/phantoms/ImagesTr --out $(DEMO)/evaluation --report $(DEMO)/report
+	rm -rf $(DEMO)
+	$(BIN)/python process.py --input test/input --output $(DEMO)/output --model model --device cpu
+	$(BIN)/pantherseg evaluate --quiet --gt test/sample_label \
+	  --pred $(DEMO)/output/images/pancreatic-tumor-segmentation \
+	  --names shipped-model --images test/input/images/abdominal-t1-mri \
+	  --out $(DEMO)/evaluation --report $(DEMO)/report
+
+# The evaluation on its own: phantoms scored against stand-in predictions (exact, eroded, shifted).
+demo-evaluation: $(BIN)/pantherseg
+	$(BIN)/pantherseg synth $(DEMO)-evaluation/phantoms --cases 6 --size small --seed 1
+	$(BIN)/python examples/perturbed_predictions.py $(DEMO)-evaluation/phantoms $(DEMO)-evaluation/predictions
+	$(BIN)/pantherseg evaluate --quiet --gt $(DEMO)-evaluation/phantoms/LabelsTr \
+	  --pred $(DEMO)-evaluation/predictions/exact $(DEMO)-evaluation/predictions/eroded \
+	  $(DEMO)-evaluation/predictions/shifted --images $(DEMO)-evaluation/phantoms/ImagesTr \
+	  --out $(DEMO)-evaluation/evaluation --report $(DEMO)-evaluation/report
 
 lint: $(BIN)/pantherseg
 	$(BIN)/ruff check .

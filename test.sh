@@ -16,8 +16,9 @@ REPO="$PWD"
 
 IMAGE="${IMAGE:-pantherseg:latest}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
-# Lowest Dice against test/expected_output that passes (1 = identical; lower it for GPU runs).
-EXPECTED_MIN_DICE="${EXPECTED_MIN_DICE:-1}"
+# Lowest Dice against test/expected_output that passes: identical on the CPU that wrote it, but
+# another CPU's float kernels (or a GPU) may flip a boundary voxel; lower it further for GPU runs.
+EXPECTED_MIN_DICE="${EXPECTED_MIN_DICE:-0.999}"
 INPUT_SOCKET=images/abdominal-t1-mri
 OUTPUT_SOCKET=images/pancreatic-tumor-segmentation
 CASE_NAME=0c9b3f52-5d1e-4e8a-9a43-7e1f2b6c8d01  # grand-challenge names inputs by uuid

@@ -32,6 +32,9 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> None:
         help="'small' makes coarse, tiny volumes for fast tests",
     )
     p.add_argument("--first-id", type=int, default=10000, help="id of the first case")
+    p.add_argument(
+        "-j", "--jobs", type=int, default=1, help="processes generating cases side by side"
+    )
     p.set_defaults(run=_run_synth)
 
 
@@ -39,7 +42,13 @@ def _run_synth(args: argparse.Namespace) -> int:
     from pantherseg.synthetic import write_dataset
 
     infos = write_dataset(
-        args.out, args.cases, seed=args.seed, task=args.task, size=args.size, first_id=args.first_id
+        args.out,
+        args.cases,
+        seed=args.seed,
+        task=args.task,
+        size=args.size,
+        first_id=args.first_id,
+        jobs=args.jobs,
     )
     print(f"wrote {len(infos)} {args.task} phantoms to {args.out}")
     return 0

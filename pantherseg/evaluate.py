@@ -10,14 +10,12 @@ from __future__ import annotations
 import csv
 import io as text_io
 import json
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
 
 from pantherseg import metrics
 from pantherseg.io import (
@@ -28,6 +26,7 @@ from pantherseg.io import (
     list_images,
     read_image,
 )
+from pantherseg.parallel import parallel_map
 
 TUMOR_LABEL = 1  # training labels also carry pancreas = 2, which is not scored
 
@@ -179,26 +178,9 @@ def evaluate_folder(
         (cid, gt_files[cid], matched[cid], tuple(conventions), tolerance_mm) for cid in gt_files
     ]
     label = name or Path(pred_dir).name
-    cases = _run_jobs(_score_job, tasks, jobs, progress, f"scoring {label}")
+    cases = list(parallel_map(_score_job, tasks, max(1, jobs), progress, f"scoring {label}"))
     summaries = {c: metrics.aggregate([case.scores[c] for case in cases]) for c in conventions}
     return MethodEvaluation(label, Path(pred_dir), cases, extra, summaries)
-
-
-def _run_jobs(function: Callable, tasks: list[tuple], jobs: int, progress: bool, desc: str) -> list:
-    bar = tqdm(total=len(tasks), desc=desc, unit="case", disable=not progress)
-    with bar:
-        if jobs <= 1:
-            results = []
-            for task in tasks:
-                results.append(function(task))
-                bar.update()
-            return results
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = []
-            for result in pool.map(function, tasks):
-                results.append(result)
-                bar.update()
-            return results
 
 
 def rankings(evaluations: Sequence[MethodEvaluation]) -> dict[str, dict[str, dict[str, float]]]:

@@ -345,6 +345,19 @@ def test_case_k_does_not_depend_on_n_cases(tmp_path):
     assert three[1]["seed"] != three[0]["seed"]
 
 
+def test_parallel_generation_writes_the_same_dataset(tmp_path):
+    serial = write_dataset(tmp_path / "serial", 3, seed=5, size="small", progress=False)
+    parallel = write_dataset(tmp_path / "parallel", 3, seed=5, size="small", progress=False, jobs=2)
+    assert parallel == serial  # same order, same descriptions
+    assert json.loads((tmp_path / "parallel" / "phantoms.json").read_text()) == serial
+    for info in serial:
+        for key in ("image", "label"):
+            a = sitk.ReadImage(str(tmp_path / "serial" / info[key]))
+            b = sitk.ReadImage(str(tmp_path / "parallel" / info[key]))
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+            assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +395,7 @@ def test_generate_case_rejects_bad_seed():
         ({"n_cases": -2}, "n_cases"),
         ({"n_cases": 1, "task": "t1"}, "task"),
         ({"n_cases": 1, "size": "medium"}, "size"),
+        ({"n_cases": 1, "jobs": 0}, "jobs"),
     ],
 )
 def test_write_dataset_rejects_bad_arguments(tmp_path, kwargs, match):

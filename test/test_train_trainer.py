@@ -4,8 +4,10 @@ checkpoint."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from training.trainer import (
     epoch_loader,
     learning_rate_factor,
     load_matching_weights,
+    planned_epochs,
     rank_indices,
     resolve_device,
     train_fold,
@@ -157,6 +160,48 @@ def test_without_a_dice_the_last_weights_are_the_best(tiny, tmp_path, monkeypatc
     result = train_fold(tiny.config, tiny.plan, train, val, tmp_path, device="cpu", progress=False)
     assert result.best_epoch == 0 and result.checkpoint.is_file()
     assert_same_weights(weights(result.checkpoint), weights(tmp_path / LAST_CHECKPOINT))
+
+
+def test_planned_epochs_fit_the_time_limit():
+    config = tiny_config(optim={"epochs": 10, "time_limit_minutes": 1.0})
+    assert planned_epochs(config, []) == 10  # nothing measured yet
+    assert planned_epochs(config, [15.0]) == 4  # 45 s left at 15 s an epoch: 3 more
+    # The first epoch's start-up cost stops counting once there are others to go by.
+    assert planned_epochs(config, [30.0, 10.0, 10.0]) == 4
+    assert planned_epochs(config, [30.0, 30.0, 30.0]) == 4  # over time: one epoch more at most
+    assert planned_epochs(config, [1.0, 1.0]) == 10  # never more than optim.epochs
+    assert planned_epochs(tiny_config(optim={"epochs": 10}), [500.0]) == 10  # no limit
+
+
+def test_time_limit_shortens_the_run_and_its_schedule(tiny, tmp_path, monkeypatch):
+    """Epochs that take 15 s (a fake clock) under a one-minute limit: four epochs, the poly
+    schedule decaying over four, the last epoch validated, and a resumed run stays finished."""
+    ticks = itertools.count(step=15.0)
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    config = tiny_config(
+        optim={"epochs": 10, "time_limit_minutes": 1.0, "scheduler": "poly", "patience": 100}
+    )
+    train, val = tiny.split()
+    result = train_fold(config, tiny.plan, train, val, tmp_path, device="cpu", progress=False)
+    history = json.loads((tmp_path / HISTORY_FILE).read_text())
+    assert result.time_limited and result.epochs_run == 4 and len(history) == 4
+    assert [h["seconds"] for h in history] == [15.0] * 4
+    # The rate of epoch 4 was set after epoch 3, once the plan said four epochs.
+    lr = config.optim.lr
+    assert history[3]["lr"] == pytest.approx(lr * learning_rate_factor(3, config, epochs=4))
+    assert history[3]["lr"] < lr * learning_rate_factor(3, config)  # faster than over ten
+    assert math.isfinite(history[3]["val_dice"])
+    again = train_fold(
+        config, tiny.plan, train, val, tmp_path, device="cpu", progress=False, resume=True
+    )
+    assert again.epochs_run == 4 and again.time_limited
+
+
+def test_time_limit_must_be_positive(tmp_path):
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="time_limit_minutes must be positive"):
+        tiny_config(optim={"time_limit_minutes": 0})
 
 
 def schedule(config: TrainingConfig, scores=None) -> list[float]:

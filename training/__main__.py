@@ -6,6 +6,7 @@ command, everything kept in one work folder so that each step can be rerun or re
     python -m training cv --work work/            # trains every fold, then tunes post-processing
     python -m training export --work work/ --out model/
     python -m training all --data PANTHER_Task1 --work work/ --out model/
+    python -m training card --model model/ --evaluation eval/summary.json --title "Held-out"
 
 Several GPUs: `torchrun --nproc_per_node 4 -m training train --work work/ --fold 0` (or `cv`);
 every process trains, rank 0 validates and writes, and `cv` predicts out-of-fold on rank 0 only.
@@ -427,6 +428,14 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from training.model_card import record_evaluation
+
+    record_evaluation(args.model, args.evaluation, args.title, args.note or "")
+    print(f"{args.model / 'README.md'}: section '{args.title}' written")
+    return 0
+
+
 def cmd_all(args: argparse.Namespace) -> int:
     for step in (cmd_plan, cmd_preprocess, cmd_cv, cmd_export):
         step(args)
@@ -487,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
         out="dataset folder to write (PANTHER layout) for plan --extra-labelled",
         device=True,
     )
+    card = sub.add_parser(
+        "card", help="record a `pantherseg evaluate` summary in an exported model's card"
+    )
+    card.add_argument("--model", type=Path, required=True, help="exported model folder")
+    card.add_argument("--evaluation", type=Path, required=True, help="summary.json to record")
+    card.add_argument("--title", required=True, help="section title, e.g. 'Held-out cases'")
+    card.add_argument("--note", help="a sentence above the table (data, seeds, commands)")
+    card.set_defaults(run=cmd_card)
     add(
         "all",
         cmd_all,

@@ -39,9 +39,10 @@ from pantherseg.io import (
     check_inference_image,
     read_image,
 )
+from pantherseg.parallel import parallel_map
 from pantherseg.plan import Plan, Preprocessing
 from pantherseg.preprocess import PreprocessRecord, preprocess, preprocess_label
-from training.data import LABEL_MODES, PANCREAS, TUMOR, Case, Dataset, parallel_map
+from training.data import LABEL_MODES, PANCREAS, TUMOR, Case, Dataset
 
 CACHE_FORMAT = "pantherseg-cache"
 CACHE_VERSION = 1

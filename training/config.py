@@ -92,6 +92,7 @@ class OptimConfig:
     epochs: int = 300
     iterations_per_epoch: int = 250
     patience: int = 15
+    time_limit_minutes: float | None = None
     grad_clip: float = 12.0
     amp: bool = True
 
@@ -189,6 +190,9 @@ def load_config(path: Path | None = None) -> TrainingConfig:
         except (OSError, yaml.YAMLError) as error:
             raise ConfigError(f"{source}: cannot be read as YAML ({error})") from None
         _merge(config, values, str(source))
+    limit = config.optim.time_limit_minutes
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"optim.time_limit_minutes must be positive (or null), not {limit}")
     if config.data.labels not in ("tumor", "tumor+pancreas"):
         raise ConfigError(
             f"data.labels must be 'tumor' or 'tumor+pancreas', not {config.data.labels!r}"

@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from pantherseg import metrics
 from pantherseg.io import atomic_write_text, check_inference_image, read_image
+from pantherseg.parallel import parallel_map
 from pantherseg.pipeline import Segmenter
 from pantherseg.plan import PancreasGuidance, Plan, Postprocessing
 from pantherseg.postprocess import postprocess
 from training.config import TrainingConfig
-from training.data import Case, parallel_map
+from training.data import Case
 from training.trainer import torch_predictor
 
 log = logging.getLogger("pantherseg.training")

@@ -15,17 +15,15 @@ can be checked against the real data's numbers.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import re
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
 
 from pantherseg.io import (
     Geometry,
@@ -35,6 +33,7 @@ from pantherseg.io import (
     read_image,
     strip_image_suffix,
 )
+from pantherseg.parallel import parallel_map
 from pantherseg.preprocess import nonzero_box
 
 TASKS = ("task1", "task2")
@@ -46,9 +45,6 @@ FOREGROUND_SAMPLES_PER_CASE = 10_000  # nnU-Net's number: enough for stable perc
 _CHANNEL = re.compile(r"_(\d{4})$")
 _UNLABELLED_FOLDER = re.compile(r"^(imagestr_)?unlabell?ed$", re.IGNORECASE)
 _LIST_LIMIT = 10  # names shown in an error before "and N more"
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class DatasetError(ValueError):
@@ -295,49 +291,6 @@ def discover(root: Path, task: str | None = None) -> Dataset:
         labelled=labelled,
         unlabelled=_unlabelled(root),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Parallel map with a progress bar (shared with training.cache)
-# --------------------------------------------------------------------------------------------
-
-
-def _single_threaded_worker() -> None:
-    # Each process is one job; ITK's own thread pool per process would oversubscribe the CPUs.
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-
-def parallel_map(
-    function: Callable[[T], R],
-    items: Sequence[T],
-    jobs: int,
-    progress: bool,
-    desc: str,
-) -> Iterator[R]:
-    """`function` over `items` in order, in `jobs` processes, with a tqdm bar.
-
-    Processes are spawned rather than forked: the caller may already hold torch's or ITK's
-    threads, and a forked copy of a thread pool can deadlock. `function` must be a module-level
-    function and, as always with spawn, the main module importable (a script file, `python -m`,
-    a notebook; not a script piped to stdin). One job (or one item) runs in this process, which
-    keeps tests and debugging simple.
-    """
-    if jobs < 1:
-        raise ValueError(f"jobs must be at least 1, got {jobs}")
-    bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="case")
-    try:
-        if jobs == 1 or len(items) <= 1:
-            for item in items:
-                yield function(item)
-                bar.update()
-            return
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(min(jobs, len(items)), initializer=_single_threaded_worker) as pool:
-            for result in pool.imap(function, items, chunksize=1):
-                yield result
-                bar.update()
-    finally:
-        bar.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,22 +8,18 @@ on random and real patches; a difference above the tolerance stops the export.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import platform
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import pantherseg
 from pantherseg.engines import OnnxEngine
-from pantherseg.io import atomic_write_text
 from pantherseg.plan import FoldWeights, Plan, save_plan, sha256_of
 from training.config import TrainingConfig
+from training.model_card import write_model_card
 from training.networks import build_network
 
 log = logging.getLogger("pantherseg.training")
@@ -131,81 +127,3 @@ def export_model(
     save_plan(exported, model_dir)
     write_model_card(exported, config, model_dir)
     return exported
-
-
-def _versions() -> dict[str, str]:
-    import monai
-    import onnx
-    import onnxruntime
-
-    return {
-        "pantherseg": pantherseg.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
-
-
-def write_model_card(plan: Plan, config: TrainingConfig, model_dir: Path) -> None:
-    """`README.md` for people and `metadata.json` for programs, beside the weights."""
-    cv = plan.training.get("cross_validation", {})
-    data = plan.training.get("data", {})
-    metadata = {
-        "name": "pantherseg",
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "task": plan.task,
-        "input": {"socket": plan.input_socket, "modality": "MRI", "pixel": "one 3D scalar image"},
-        "output": {
-            "socket": "pancreatic-tumor-segmentation",
-            "values": {"0": "background", "1": "tumor"},
-        },
-        "network": dataclasses.asdict(config.network),
-        "folds": [f.file for f in plan.inference.folds],
-        "data": data,
-        "cross_validation": cv,
-        "versions": _versions(),
-        "intended_use": "research on pancreatic tumor segmentation in the PANTHER challenge; "
-        "not a medical device",
-    }
-    atomic_write_text(model_dir / "metadata.json", json.dumps(metadata, indent=2) + "\n")
-    rows = "\n".join(
-        f"| {name} | {value:.4f} |"
-        for name, value in cv.get("aggregates", {}).items()
-        if isinstance(value, int | float)
-    )
-    warning = (
-        "- **Trained on synthetic phantoms only: these weights demonstrate the pipeline; they are"
-        " not a model of real MRI.**"
-        if data.get("synthetic", False)
-        else ""
-    )
-    card = f"""# pantherseg model card
-
-- Task: {plan.task} ({plan.input_socket}); output: tumor mask, uint8 {{0, 1}}.
-- Network: {config.network.name}, {config.network.base_features} base features,
-  {len(plan.inference.folds)} fold(s), patch {plan.inference.patch_size_zyx} at spacing
-  {plan.preprocessing.target_spacing_zyx} mm (z, y, x); mirroring axes
-  {list(plan.inference.mirror_axes) or "none"}.
-- Post-processing (chosen on out-of-fold predictions): threshold
-  {plan.postprocessing.threshold}, minimum component {plan.postprocessing.min_component_mm3} mm^3,
-  pancreas guidance {"on" if plan.postprocessing.pancreas_guidance.enabled else "off"},
-  never empty {"on" if plan.postprocessing.never_empty else "off"}.
-- Training data: {data.get("description", "see metadata.json")}.
-{warning}
-
-## Cross-validation (out-of-fold, challenge metrics)
-
-| metric | value |
-| --- | --- |
-{rows or "| (not run) | |"}
-
-## Intended use
-
-Research on automatic pancreatic tumor segmentation (PANTHER challenge). Not a medical device; not
-for clinical decisions.
-
-Versions: {", ".join(f"{k} {v}" for k, v in metadata["versions"].items())}.
-"""
-    atomic_write_text(model_dir / "README.md", card)

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -296,13 +296,14 @@ def _optimizer(config: TrainingConfig, parameters) -> torch.optim.Optimizer:
     raise ValueError(f"optim.optimizer must be 'adamw' or 'sgd', not {o.optimizer!r}")
 
 
-def learning_rate_factor(epoch: int, config: TrainingConfig) -> float:
-    """Multiplier of the base learning rate at the start of `epoch` for poly and cosine schedules,
-    after a linear warm-up from a tenth of the rate."""
+def learning_rate_factor(epoch: int, config: TrainingConfig, epochs: int | None = None) -> float:
+    """Multiplier of the base learning rate at the start of `epoch` for poly and cosine schedules
+    over `epochs` (default optim.epochs), after a linear warm-up from a tenth of the rate."""
     o = config.optim
     if epoch < o.warmup_epochs:
         return 0.1 + 0.9 * epoch / o.warmup_epochs
-    progress = (epoch - o.warmup_epochs) / max(1, o.epochs - o.warmup_epochs)
+    total = o.epochs if epochs is None else epochs
+    progress = (epoch - o.warmup_epochs) / max(1, total - o.warmup_epochs)
     if o.scheduler == "poly":
         return (1 - min(progress, 1.0)) ** 0.9
     if o.scheduler == "cosine":
@@ -310,7 +311,13 @@ def learning_rate_factor(epoch: int, config: TrainingConfig) -> float:
     return 1.0
 
 
-def _scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer):
+def _scheduler(
+    config: TrainingConfig,
+    optimizer: torch.optim.Optimizer,
+    epochs: Callable[[], int] | None = None,
+):
+    """The learning-rate schedule; `epochs` gives the current planned epoch count when a time
+    limit may shorten the run (poly and cosine then decay over the shorter run)."""
     o = config.optim
     if o.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -318,7 +325,8 @@ def _scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer):
         )
     if o.scheduler in ("poly", "cosine"):
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda epoch: learning_rate_factor(epoch, config)
+            optimizer,
+            lambda epoch: learning_rate_factor(epoch, config, epochs() if epochs else None),
         )
     raise ValueError(f"optim.scheduler must be plateau, poly or cosine, not {o.scheduler!r}")
 
@@ -351,6 +359,22 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+def planned_epochs(config: TrainingConfig, seconds: Sequence[float]) -> int:
+    """How many epochs the fold trains, given the durations of the epochs run so far.
+
+    optim.epochs, or, under optim.time_limit_minutes, as many as fit in the time left at the mean
+    epoch time (validation included; the first epoch, which pays for start-up, only while it is
+    the sole measure). Never fewer than the epochs run plus the next one, so a run overshoots the
+    limit by at most one epoch.
+    """
+    limit = config.optim.time_limit_minutes
+    if limit is None or not seconds:
+        return config.optim.epochs
+    typical = float(np.mean(seconds[1:] if len(seconds) > 1 else seconds))
+    fit = len(seconds) + int((limit * 60.0 - sum(seconds)) // max(typical, 1e-9))
+    return max(len(seconds) + 1, min(config.optim.epochs, fit))
+
+
 @dataclass
 class FoldResult:
     fold: int
@@ -359,6 +383,7 @@ class FoldResult:
     epochs_run: int
     checkpoint: Path
     stopped_early: bool
+    time_limited: bool = False  # optim.time_limit_minutes cut the run short of optim.epochs
     init: dict | None = None  # the InitReport of a fine-tuning, as a dict
 
 
@@ -423,7 +448,14 @@ def _train(
     seed_everything(derived_seed(config.seed, _INIT, fold))
     network = build_network(config.network, plan)
     loss_function = build_loss(config.loss, plan)
-    state = {"epoch": 0, "best_dice": -math.inf, "best_epoch": 0, "stale_epochs": 0, "history": []}
+    state = {
+        "epoch": 0,
+        "epochs": config.optim.epochs,  # lowered under optim.time_limit_minutes
+        "best_dice": -math.inf,
+        "best_epoch": 0,
+        "stale_epochs": 0,
+        "history": [],
+    }
     last = out_dir / LAST_CHECKPOINT
     checkpoint = None
     init_report = None
@@ -431,6 +463,8 @@ def _train(
         checkpoint = torch.load(last, map_location="cpu", weights_only=False)
         network.load_state_dict(checkpoint["network"])
         state = checkpoint["state"]
+        if config.optim.time_limit_minutes is None or "epochs" not in state:
+            state["epochs"] = config.optim.epochs  # a longer configuration continues the run
         log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
         if (out_dir / INIT_REPORT).is_file():
             init_report = json.loads((out_dir / INIT_REPORT).read_text(encoding="utf-8"))
@@ -455,7 +489,7 @@ def _train(
     context.barrier()
     network = network.to(torch_device)
     optimizer = _optimizer(config, network.parameters())
-    scheduler = _scheduler(config, optimizer)
+    scheduler = _scheduler(config, optimizer, lambda: state["epochs"])
     use_amp = config.optim.amp and torch_device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     if checkpoint is not None:
@@ -474,8 +508,14 @@ def _train(
     writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR)) if context.is_main else None
     patience = config.optim.patience
     try:
-        while state["epoch"] < config.optim.epochs and state["stale_epochs"] < patience:
+        while state["epoch"] < state["epochs"] and state["stale_epochs"] < patience:
             epoch = state["epoch"] + 1
+            if config.optim.time_limit_minutes is not None:
+                seconds = [h["seconds"] for h in state["history"]]
+                planned = context.broadcast(planned_epochs(config, seconds))
+                if planned != state["epochs"] and context.is_main:
+                    log.info("fold %d: %d epochs fit in the time limit", fold, planned)
+                state["epochs"] = planned
             started = time.perf_counter()
             dataset.epoch = epoch
             loader = epoch_loader(
@@ -515,7 +555,7 @@ def _train(
                 dist.all_reduce(total)
                 train_loss = float(total.item()) / context.world_size
             validation = {"dice": math.nan, "hd95": math.nan}
-            due = epoch % config.validation.every_epochs == 0 or epoch == config.optim.epochs
+            due = epoch % config.validation.every_epochs == 0 or epoch == state["epochs"]
             if context.is_main and val_cases and due:
                 network.eval()
                 predictor = torch_predictor(network, torch_device, config.optim.amp)
@@ -595,6 +635,7 @@ def _train(
         state["epoch"],
         out_dir / BEST_CHECKPOINT,
         stopped_early,
+        state["epochs"] < config.optim.epochs,
         init_report,
     )
 

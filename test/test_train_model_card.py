@@ -1,0 +1,108 @@
+"""The model card records evaluations: a `pantherseg evaluate` summary becomes a section of
+README.md (before "Intended use", replaced when recorded again) and an entry of metadata.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pantherseg.cli import main as pantherseg_main
+from pantherseg.synthetic import write_dataset
+from training.__main__ import main as training_main
+
+CARD = """# pantherseg model card
+
+- Task: task1.
+
+## Cross-validation (out-of-fold, challenge metrics)
+
+| metric | value |
+| --- | --- |
+| dice | 0.5000 |
+
+## Intended use
+
+Research only.
+"""
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    """A real summary.json: two small phantoms, one predicted exactly, one with nothing found."""
+    root = tmp_path_factory.mktemp("heldout")
+    infos = write_dataset(root / "data", 2, seed=4, size="small", progress=False)
+    predictions = root / "predictions"
+    predictions.mkdir()
+    for k, info in enumerate(infos):
+        label = sitk.ReadImage(str(root / "data" / info["label"]))
+        array = (sitk.GetArrayFromImage(label) == 1).astype(np.uint8) if k == 0 else None
+        if array is None:  # the second case: an empty mask
+            array = np.zeros(label.GetSize()[::-1], np.uint8)
+        mask = sitk.GetImageFromArray(array)
+        mask.CopyInformation(label)
+        sitk.WriteImage(mask, str(predictions / f"{info['case_id']}_0001.mha"))
+    code = pantherseg_main(
+        [
+            "evaluate",
+            "--pred",
+            str(predictions),
+            "--gt",
+            str(root / "data" / "LabelsTr"),
+            "--out",
+            str(root / "evaluation"),
+            "--convention",
+            "both",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    return root / "evaluation" / "summary.json"
+
+
+def model_folder(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "README.md").write_text(CARD)
+    (model / "metadata.json").write_text(json.dumps({"name": "pantherseg"}))
+    return model
+
+
+def test_evaluation_goes_before_intended_use_and_into_metadata(tmp_path, summary, capsys):
+    model = model_folder(tmp_path)
+    argv = ["card", "--model", str(model), "--evaluation", str(summary)]
+    assert training_main([*argv, "--title", "Held-out phantoms", "--note", "Two cases."]) == 0
+    card = (model / "README.md").read_text()
+    section = card[card.index("## Held-out phantoms") : card.index("## Intended use")]
+    assert "Two cases." in section and "| metric | spacing zyx | spacing xyz |" in section
+    expected = json.loads(summary.read_text())["methods"]["predictions"]["aggregates"]
+    dice = expected["zyx"]["dice"]
+    assert 0.4 < dice < 0.6  # one perfect case, one empty: the mean is about a half
+    assert f"| dice | {dice:.4f} | {expected['xyz']['dice']:.4f} |" in section
+    assert "| n_cases | 2 | 2 |" in section
+    assert card.index("## Cross-validation") < card.index("## Held-out phantoms")
+    metadata = json.loads((model / "metadata.json").read_text())
+    recorded = metadata["evaluations"]["Held-out phantoms"]
+    assert recorded["note"] == "Two cases." and recorded["methods"]["predictions"] == expected
+    assert "section 'Held-out phantoms' written" in capsys.readouterr().out
+
+    # Recorded again: the section is replaced, not repeated.
+    assert training_main([*argv, "--title", "Held-out phantoms", "--note", "Again."]) == 0
+    card = (model / "README.md").read_text()
+    assert card.count("## Held-out phantoms") == 1 and "Again." in card and "Two cases." not in card
+    assert card.rstrip().endswith("Research only.")
+
+
+def test_missing_or_wrong_summary_is_a_clear_error(tmp_path, capsys):
+    model = model_folder(tmp_path)
+    missing = tmp_path / "nowhere" / "summary.json"
+    argv = ["card", "--model", str(model), "--title", "T", "--evaluation"]
+    assert training_main([*argv, str(missing)]) == 2
+    assert f"{missing}: not found" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text("{}")
+    assert training_main([*argv, str(wrong)]) == 2
+    assert "not a `pantherseg evaluate` summary.json" in capsys.readouterr().err
+    assert (model / "README.md").read_text() == CARD  # nothing changed

@@ -1,0 +1,172 @@
+"""The model card beside exported weights: `README.md` for people, `metadata.json` for programs.
+
+Export writes it from the plan and the configuration; evaluations made afterwards (for example on
+held-out cases with `pantherseg evaluate`) are recorded into it with `record_evaluation`, so the
+card that ships with the weights carries the numbers that describe them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+import pantherseg
+from pantherseg.io import atomic_write_text
+from pantherseg.plan import Plan
+from training.config import TrainingConfig
+
+CARD_FILE = "README.md"
+METADATA_FILE = "metadata.json"
+INTENDED_USE_HEADING = "## Intended use"
+METRICS = (
+    "dice",
+    "surface_dice",
+    "hd95",
+    "masd",
+    "tumor_burden_rmse",
+    "n_cases",
+    "n_without_tumor",
+)
+
+
+def _versions() -> dict[str, str]:
+    import monai
+    import onnx
+    import onnxruntime
+
+    return {
+        "pantherseg": pantherseg.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def write_model_card(plan: Plan, config: TrainingConfig, model_dir: Path) -> None:
+    """`README.md` for people and `metadata.json` for programs, beside the weights."""
+    cv = plan.training.get("cross_validation", {})
+    data = plan.training.get("data", {})
+    metadata = {
+        "name": "pantherseg",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "task": plan.task,
+        "input": {"socket": plan.input_socket, "modality": "MRI", "pixel": "one 3D scalar image"},
+        "output": {
+            "socket": "pancreatic-tumor-segmentation",
+            "values": {"0": "background", "1": "tumor"},
+        },
+        "network": dataclasses.asdict(config.network),
+        "folds": [f.file for f in plan.inference.folds],
+        "data": data,
+        "cross_validation": cv,
+        "versions": _versions(),
+        "intended_use": "research on pancreatic tumor segmentation in the PANTHER challenge; "
+        "not a medical device",
+    }
+    atomic_write_text(model_dir / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+    rows = "\n".join(
+        f"| {name} | {value:.4f} |"
+        for name, value in cv.get("aggregates", {}).items()
+        if isinstance(value, int | float)
+    )
+    warning = (
+        "- **Trained on synthetic phantoms only: these weights demonstrate the pipeline; they are"
+        " not a model of real MRI.**"
+        if data.get("synthetic", False)
+        else ""
+    )
+    card = f"""# pantherseg model card
+
+- Task: {plan.task} ({plan.input_socket}); output: tumor mask, uint8 {{0, 1}}.
+- Network: {config.network.name}, {config.network.base_features} base features,
+  {len(plan.inference.folds)} fold(s), patch {plan.inference.patch_size_zyx} at spacing
+  {plan.preprocessing.target_spacing_zyx} mm (z, y, x); mirroring axes
+  {list(plan.inference.mirror_axes) or "none"}.
+- Post-processing (chosen on out-of-fold predictions): threshold
+  {plan.postprocessing.threshold}, minimum component {plan.postprocessing.min_component_mm3} mm^3,
+  pancreas guidance {"on" if plan.postprocessing.pancreas_guidance.enabled else "off"},
+  never empty {"on" if plan.postprocessing.never_empty else "off"}.
+- Training data: {data.get("description", "see metadata.json")}.
+{warning}
+
+## Cross-validation (out-of-fold, challenge metrics)
+
+| metric | value |
+| --- | --- |
+{rows or "| (not run) | |"}
+
+## Intended use
+
+Research on automatic pancreatic tumor segmentation (PANTHER challenge). Not a medical device; not
+for clinical decisions.
+
+Versions: {", ".join(f"{k} {v}" for k, v in metadata["versions"].items())}.
+"""
+    atomic_write_text(model_dir / CARD_FILE, card)
+
+
+def _format(value: float | int) -> str:
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and value > 10):
+        return f"{value:.0f}"
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def evaluation_section(summary: dict, title: str, note: str = "") -> str:
+    """A card section with each method's aggregates from `pantherseg evaluate`'s summary.json, one
+    column per spacing convention it was scored with."""
+    lines = [f"## {title}", ""]
+    if note:
+        lines += [note.strip(), ""]
+    for method, result in summary["methods"].items():
+        conventions = list(result["aggregates"])
+        if len(summary["methods"]) > 1:
+            lines += [f"{method}:", ""]
+        lines += [
+            "| metric | " + " | ".join(f"spacing {c}" for c in conventions) + " |",
+            "| --- |" + " --- |" * len(conventions),
+        ]
+        for metric in METRICS:
+            values = [result["aggregates"][c].get(metric, math.nan) for c in conventions]
+            lines.append(f"| {metric} | " + " | ".join(_format(v) for v in values) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def record_evaluation(model_dir: Path, summary_path: Path, title: str, note: str = "") -> None:
+    """Adds (or replaces) the section `title` in the model card and the entry `title` under
+    `evaluations` in metadata.json, from a `pantherseg evaluate` summary.json."""
+    model_dir, summary_path = Path(model_dir), Path(summary_path)
+    card_path, metadata_path = model_dir / CARD_FILE, model_dir / METADATA_FILE
+    for path in (card_path, metadata_path, summary_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if not isinstance(summary, dict) or not summary.get("methods"):
+        raise ValueError(f"{summary_path}: not a `pantherseg evaluate` summary.json (no methods)")
+    section = evaluation_section(summary, title, note)
+    card = card_path.read_text(encoding="utf-8")
+    heading = f"## {title}\n"
+    if heading in card:
+        start = card.index(heading)
+        end = card.find("\n## ", start + len(heading))
+        card = card[:start] + section + (card[end + 1 :] if end >= 0 else "")
+    elif INTENDED_USE_HEADING in card:
+        at = card.index(INTENDED_USE_HEADING)
+        card = card[:at] + section + "\n" + card[at:]
+    else:
+        card = card.rstrip("\n") + "\n\n" + section
+    metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    metadata.setdefault("evaluations", {})[title] = {
+        "note": note,
+        "methods": {m: r["aggregates"] for m, r in summary["methods"].items()},
+    }
+    atomic_write_text(card_path, card)
+    atomic_write_text(metadata_path, json.dumps(metadata, indent=2) + "\n")
