@@ -429,10 +429,10 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    from training.model_card import record_evaluation
+    from training.model_card import CARD_FILE, record_evaluation
 
     record_evaluation(args.model, args.evaluation, args.title, args.note or "")
-    print(f"{args.model / 'README.md'}: section '{args.title}' written")
+    print(f"{args.model / CARD_FILE}: section '{args.title}' written")
     return 0
 
 

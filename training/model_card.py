@@ -114,8 +114,8 @@ Versions: {", ".join(f"{k} {v}" for k, v in metadata["versions"].items())}.
 
 
 def _format(value: float | int) -> str:
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and value > 10):
-        return f"{value:.0f}"
+    if isinstance(value, int):  # counts
+        return str(value)
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
