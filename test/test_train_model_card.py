@@ -93,6 +93,7 @@ def test_evaluation_goes_before_intended_use_and_into_metadata(tmp_path, summary
     card = (model / "README.md").read_text()
     assert card.count("## Held-out phantoms") == 1 and "Again." in card and "Two cases." not in card
     assert card.rstrip().endswith("Research only.")
+    assert "|\n\n## Intended use" in card  # a blank line between the sections, as before
 
 
 def test_missing_or_wrong_summary_is_a_clear_error(tmp_path, capsys):

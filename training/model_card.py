@@ -157,7 +157,7 @@ def record_evaluation(model_dir: Path, summary_path: Path, title: str, note: str
     if heading in card:
         start = card.index(heading)
         end = card.find("\n## ", start + len(heading))
-        card = card[:start] + section + (card[end + 1 :] if end >= 0 else "")
+        card = card[:start] + section + (card[end:] if end >= 0 else "")
     elif INTENDED_USE_HEADING in card:
         at = card.index(INTENDED_USE_HEADING)
         card = card[:at] + section + "\n" + card[at:]
