@@ -1,24 +1,33 @@
-"""Training throughput: optimiser steps per second for both networks and loader samples per
-second, at the PANTHER Task 1 spacing (3.0 x 1.1875 x 1.1875 mm), on the CPU and, when PyTorch
-sees one, the GPU.
+"""Training throughput: optimiser steps per second and the arithmetic rate they reach (TFLOP/s)
+for both networks, and loader samples per second, at the PANTHER Task 1 spacing
+(3.0 x 1.1875 x 1.1875 mm) or a configuration's plan, on the CPU and, when PyTorch sees one, on
+the GPU.
 
-- Steps: the default configuration (training/default.yaml: 32 base features, deep supervision,
-  Dice + focal + boundary loss with tumor-slice weights, AdamW, gradient clipping, mixed
-  precision on the GPU) at batch `sampling.batch_size`, one step as `training.trainer` takes it:
-  forward, loss, backward, clipping, optimiser step. Random images with a tumor-sized label blob,
-  so the boundary loss does its real work. Each (network, device, patch) runs in a fresh process,
-  so the peak memory reported is its own (GPU: the allocator's peak; CPU: the process's RSS).
+- Steps: the configuration (training/default.yaml, or `--config`: network, loss, optimiser,
+  batch `sampling.batch_size`, mixed precision on the GPU), one step as `training.trainer`
+  takes it: forward, loss, backward, clipping, optimiser step. Random images with a tumor-sized
+  label blob, so the boundary loss does its real work. Each row runs in fresh processes, so the
+  peak memory reported is their own (GPU: the allocator's peak; CPU: the process's RSS). The
+  floating-point operations of one step are counted by PyTorch's FlopCounterMode (convolutions
+  and matrix products, forward and backward), so TFLOP/s says how much of the hardware's rate
+  the step uses, and whether a slow run is the network's arithmetic or something else.
 - Patches: `nnunet` is 48 x 192 x 224, the organisers' nnU-Net plan for this data; `planned` is
   what `training.planner` plans for the published Task 1 fingerprint
-  (test/data/panther_task1_fingerprint.json) with the default 16 GB budget. The CPU runs the
-  first only (the planned patch needs more memory than a small machine has, and minutes a step).
+  (test/data/panther_task1_fingerprint.json) with the configuration (the default 16 GB budget,
+  or the patch and spacing a `--config` fixes). The CPU runs the first only unless told.
+- Variants, each its own row: `--channels-last` (NDHWC weights and batches, `optim.channels_last`),
+  `--cudnn-benchmark` (cuDNN's algorithm autotuning, `optim.cudnn_benchmark`), and
+  `--concurrent N` (N step processes at once on the same device, as folds trained side by side:
+  steps / s is then the sum over the processes).
 - Loader: `training.trainer.PatchDataset` (tumor-centred sampling and every augmentation of the
-  default configuration) over the cache of a few full-size phantoms preprocessed for the plan,
-  in this process (0 workers) and with `sampling.workers` loader processes.
+  configuration) over the cache of a few full-size phantoms preprocessed for the plan, in this
+  process (0 workers) and with `sampling.workers` loader processes.
 
     python -m bench.training                      # CPU (1 timed step), and the GPU if any
     python -m bench.training --device cuda --steps 20
     python -m bench.training --threads 1          # CPU threads of the step processes
+    python -m bench.training --config examples/demo_gpu.yaml --networks dynunet --patches planned \
+        --device cuda --channels-last both --concurrent 1 3    # the demo model's questions
 
 A CPU step that fails at the default batch (out of memory on a small machine) is measured again
 at batch 1, and both rows are shown.
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import subprocess
@@ -36,20 +46,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 FINGERPRINT = ROOT / "test" / "data" / "panther_task1_fingerprint.json"
 NETWORKS = ("attention_unet", "dynunet")
 NNUNET_PATCH = (48, 192, 224)
 
 
-def default_plan(patch: tuple[int, int, int] | None = None):
-    """The planner's plan for the published Task 1 fingerprint and the default configuration,
-    with `patch` instead of the planned patch when given."""
+def default_plan(patch: tuple[int, int, int] | None = None, config_path: str | None = None):
+    """The planner's plan for the published Task 1 fingerprint and the configuration (the
+    default, or the file `config_path`), with `patch` instead of the planned patch when given."""
     from training.config import load_config
     from training.data import Fingerprint
     from training.planner import plan_from_fingerprint
 
-    config = load_config()
+    config = load_config(Path(config_path) if config_path else None)
     fingerprint = Fingerprint.from_nnunet(json.loads(FINGERPRINT.read_text(encoding="utf-8")))
     plan = plan_from_fingerprint(fingerprint, config, "task1")
     if patch is not None:
@@ -59,32 +71,72 @@ def default_plan(patch: tuple[int, int, int] | None = None):
     return config, plan
 
 
-def step_child(
-    name: str, device: str, patch: str, steps: int, warmup: int, threads: int, batch: int = 0
-) -> dict:
-    """Runs in its own process: times `steps` training steps after `warmup` ones, at the default
-    batch or `batch`."""
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """One row of the step table: what each of its processes measures."""
+
+    network: str
+    device: str
+    patch: str  # "nnunet" or "planned"
+    steps: int
+    warmup: int
+    threads: int = 0  # CPU threads (0: PyTorch's default)
+    batch: int = 0  # 0: the configuration's sampling.batch_size
+    config: str | None = None
+    channels_last: bool = False
+    cudnn_benchmark: bool = True
+    processes: int = 1
+    barrier: str | None = None  # a folder where the processes meet before timing
+
+    def describe(self) -> str:
+        layout = "NDHWC" if self.channels_last else "NCDHW"
+        autotune = f", cuDNN autotune {'on' if self.cudnn_benchmark else 'off'}"
+        return (
+            f"{self.device} {self.network} {self.patch} {layout}"
+            f"{autotune if self.device == 'cuda' else ''}, {self.processes} process(es): "
+            f"1 counted + {self.warmup} + {self.steps} step(s)"
+        )
+
+
+def _meet(folder: str, processes: int) -> None:
+    """Waits until all `processes` have arrived, so that concurrent processes time their steps
+    together and not while another one is still importing or warming up."""
+    import os
+
+    Path(folder, f"ready-{os.getpid()}").touch()
+    while len(list(Path(folder).glob("ready-*"))) < processes:
+        time.sleep(0.01)
+
+
+def step_child(spec: StepSpec) -> dict:
+    """Runs in its own process: counts the operations of one step, then times `steps` training
+    steps after `warmup` more."""
     import resource
 
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from training.losses import build_loss
     from training.networks import build_network
-    from training.trainer import _autocast, _optimizer
+    from training.trainer import _autocast, _optimizer, memory_layout
 
-    if threads:
-        torch.set_num_threads(threads)
-    config, plan = default_plan(None if patch == "planned" else NNUNET_PATCH)
-    config.network.name = name
-    torch_device = torch.device(device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    config, plan = default_plan(None if spec.patch == "planned" else NNUNET_PATCH, spec.config)
+    config.network.name = spec.network
+    config.optim.channels_last = spec.channels_last
+    layout = memory_layout(config)
+    torch_device = torch.device(spec.device)
+    if torch_device.type == "cuda":
+        torch.backends.cudnn.benchmark = spec.cudnn_benchmark
     torch.manual_seed(0)
-    network = build_network(config.network, plan).to(torch_device).train()
+    network = build_network(config.network, plan).to(torch_device, memory_format=layout).train()
     loss_function = build_loss(config.loss, plan)
     optimizer = _optimizer(config, network.parameters())
     amp = config.optim.amp and torch_device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    batch, size = batch or config.sampling.batch_size, plan.inference.patch_size_zyx
-    images = torch.randn((batch, 1, *size), device=torch_device)
+    batch, size = spec.batch or config.sampling.batch_size, plan.inference.patch_size_zyx
+    images = torch.randn((batch, 1, *size), device=torch_device).to(memory_format=layout)
     labels = torch.zeros((batch, 1, *size), dtype=torch.long, device=torch_device)
     z, y, x = (s // 2 for s in size)
     labels[:, :, z - 4 : z + 4, y - 12 : y + 12, x - 12 : x + 12] = 1  # ~3 cm tumor
@@ -108,9 +160,13 @@ def step_child(
         sync()
         return time.perf_counter() - start
 
-    for _ in range(warmup):
+    with FlopCounterMode(display=False) as counter:
         step()
-    times = [step() for _ in range(steps)]
+    for _ in range(spec.warmup):
+        step()
+    if spec.barrier:
+        _meet(spec.barrier, spec.processes)
+    times = [step() for _ in range(spec.steps)]
     if torch_device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 1024**3
         hardware = torch.cuda.get_device_name(torch_device)
@@ -119,6 +175,7 @@ def step_child(
         hardware = f"CPU, {torch.get_num_threads()} thread(s)"
     return {
         "seconds": times,
+        "flop": counter.get_total_flops(),
         "peak_gib": peak,
         "parameters_m": sum(p.numel() for p in network.parameters()) / 1e6,
         "patch": list(size),
@@ -128,26 +185,52 @@ def step_child(
     }
 
 
-def run_step(name, device, patch, steps, warmup, threads, timeout, batch=0) -> dict:
+def run_step(spec: StepSpec, timeout: int) -> dict:
+    """`spec.processes` step processes started together; their rates add up."""
+    with tempfile.TemporaryDirectory() as barrier:
+        return _run_processes(dataclasses.replace(spec, barrier=barrier), timeout)
+
+
+def _run_processes(spec: StepSpec, timeout: int) -> dict:
     command = [
         sys.executable,
         "-m",
         "bench.training",
         "--child",
-        json.dumps([name, device, patch, steps, warmup, threads, batch]),
+        json.dumps(dataclasses.asdict(spec)),
     ]
+    children = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        for _ in range(spec.processes)
+    ]
+    results = []
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        for child in children:
+            stdout, stderr = child.communicate(timeout=timeout)
+            if child.returncode != 0:
+                killed = child.returncode < 0 or "out of memory" in stderr.lower()
+                lines = stderr.strip().splitlines() or ["no message"]
+                return {"error": "killed (out of memory?)" if killed else lines[-1]}
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
     except subprocess.TimeoutExpired:
         return {"error": f"over {timeout} s"}
-    if done.returncode != 0:
-        killed = done.returncode < 0 or "out of memory" in done.stderr.lower()
-        reason = "killed (out of memory?)" if killed else done.stderr.strip().splitlines()[-1]
-        return {"error": reason}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    result = dict(results[0])
+    result["steps_per_second"] = sum(len(r["seconds"]) / sum(r["seconds"]) for r in results)
+    result["mean_step_seconds"] = float(np.mean([np.mean(r["seconds"]) for r in results]))
+    result["peak_gib"] = max(r["peak_gib"] for r in results)
+    return result
 
 
-def loader_throughput(cases: int, samples: int, workers: list[int]) -> list[dict]:
+def loader_throughput(
+    cases: int, samples: int, workers: list[int], patch: str, config_path: str | None
+) -> list[dict]:
     """Samples per second of PatchDataset over `cases` full-size phantoms."""
     import torch
 
@@ -156,7 +239,7 @@ def loader_throughput(cases: int, samples: int, workers: list[int]) -> list[dict
     from training.data import discover
     from training.trainer import PatchDataset, epoch_loader
 
-    config, plan = default_plan(NNUNET_PATCH)
+    config, plan = default_plan(None if patch == "planned" else NNUNET_PATCH, config_path)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "data"
@@ -180,17 +263,58 @@ def loader_throughput(cases: int, samples: int, workers: list[int]) -> list[dict
                     "per_second": count / seconds,
                     "threads": torch.get_num_threads(),
                     "shapes": shapes,
+                    "patch": plan.inference.patch_size_zyx,
                 }
             )
     return rows
 
 
+def _choices(value: str) -> list[bool]:
+    return {"off": [False], "on": [True], "both": [False, True]}[value]
+
+
+def _print_steps(rows: list[tuple[StepSpec, dict]]) -> None:
+    print(
+        "| device | network | patch | batch | layout | cuDNN autotune | processes | params (M) "
+        "| GFLOP / step | s / step | steps / s (all) | TFLOP/s (all) | peak GiB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for spec, r in rows:
+        layout = "NDHWC" if spec.channels_last else "NCDHW"
+        autotune = ("on" if spec.cudnn_benchmark else "off") if spec.device == "cuda" else ""
+        head = f"{layout} | {autotune} | {spec.processes}"
+        if "error" in r:
+            batch = spec.batch or "default"
+            print(f"| {spec.device} | {spec.network} | {spec.patch} | {batch} | {head} | "
+                  f"| | {r['error']} | | | |")  # fmt: skip
+            continue
+        rate = r["steps_per_second"]
+        print(
+            f"| {r['hardware']}{', AMP' if r['amp'] else ''} | {spec.network} | "
+            f"{'x'.join(map(str, r['patch']))} | {r['batch']} | {head} | "
+            f"{r['parameters_m']:.1f} | {r['flop'] / 1e9:.0f} | {r['mean_step_seconds']:.3f} | "
+            f"{rate:.3g} | {rate * r['flop'] / 1e12:.3g} | {r['peak_gib']:.1f} |"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--config", help="training YAML (default: training/default.yaml)")
     parser.add_argument("--steps", type=int, help="timed steps (default: 1 on CPU, 20 on GPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 1, GPU 3)")
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
+    parser.add_argument(
+        "--patches",
+        nargs="+",
+        choices=["nnunet", "planned"],
+        help="default: nnunet on the CPU, both on the GPU; the loader uses the first",
+    )
+    parser.add_argument("--channels-last", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--cudnn-benchmark", choices=["off", "on", "both"], default="on")
+    parser.add_argument(
+        "--concurrent", nargs="+", type=int, default=[1], help="step processes at once"
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's)")
     parser.add_argument("--cases", type=int, default=3, help="full-size phantoms for the loader")
     parser.add_argument("--samples", type=int, default=24, help="patches drawn per loader run")
@@ -199,60 +323,67 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(step_child(*json.loads(args.child))))
+        print(json.dumps(step_child(StepSpec(**json.loads(args.child)))))
         return 0
+    if min(args.concurrent) < 1:
+        parser.error("--concurrent takes counts of 1 or more")
 
     import torch
-
-    from training.config import load_config
 
     has_cuda = torch.cuda.is_available()
     devices = {"auto": ["cpu", "cuda"] if has_cuda else ["cpu"], "cpu": ["cpu"]}
     devices["cuda"] = ["cuda"]
     if args.device == "cuda" and not has_cuda:
         parser.error("PyTorch sees no CUDA device")
-    _, planned = default_plan()
+    config, planned = default_plan(config_path=args.config)
     print(
-        f"PANTHER Task 1 plan: spacing {planned.preprocessing.target_spacing_zyx} mm, planned "
-        f"patch {planned.inference.patch_size_zyx}, batch {load_config().sampling.batch_size}; "
+        f"{args.config or 'default configuration'}, PANTHER Task 1 fingerprint: spacing "
+        f"{planned.preprocessing.target_spacing_zyx} mm, planned patch "
+        f"{planned.inference.patch_size_zyx}, batch {config.sampling.batch_size}; "
         f"torch {torch.__version__}"
     )
     rows = []
     for device in devices[args.device]:
         gpu = device == "cuda"
-        steps = args.steps or (20 if gpu else 1)
-        warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-        for patch in ["nnunet", "planned"] if gpu else ["nnunet"]:
-            for name in args.networks:
-                print(f"  {device} {name} {patch}: {warmup} + {steps} step(s) ...", flush=True)
-                result = run_step(name, device, patch, steps, warmup, args.threads, args.timeout)
-                rows.append((device, name, patch, result))
-                if "error" in result and not gpu:  # e.g. more memory than this machine has
-                    print(f"  {device} {name} {patch}: {result['error']}; again at batch 1")
-                    result = run_step(name, device, patch, steps, warmup, args.threads,
-                                      args.timeout, batch=1)  # fmt: skip
-                    rows.append((device, name, patch, result))
-
-    print()
-    print("| device | network | patch | batch | params (M) | s / step | steps / s | peak GiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for device, name, patch, r in rows:
-        if "error" in r:
-            print(f"| {device} | {name} | {patch} | default | | {r['error']} | | |")
-            continue
-        mean = sum(r["seconds"]) / len(r["seconds"])
-        print(
-            f"| {r['hardware']}{', AMP' if r['amp'] else ''} | {name} | "
-            f"{'x'.join(map(str, r['patch']))} | {r['batch']} | {r['parameters_m']:.1f} | "
-            f"{mean:.3f} | {1 / mean:.3g} | {r['peak_gib']:.1f} |"
+        patches = args.patches or (["nnunet", "planned"] if gpu else ["nnunet"])
+        variants = itertools.product(
+            patches,
+            args.networks,
+            _choices(args.channels_last),
+            _choices(args.cudnn_benchmark) if gpu else [True],
+            args.concurrent,
         )
+        for patch, name, channels_last, autotune, processes in variants:
+            spec = StepSpec(
+                name,
+                device,
+                patch,
+                steps=args.steps or (20 if gpu else 1),
+                warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
+                threads=args.threads,
+                config=args.config,
+                channels_last=channels_last,
+                cudnn_benchmark=autotune,
+                processes=processes,
+            )
+            print(f"  {spec.describe()} ...", flush=True)
+            result = run_step(spec, args.timeout)
+            rows.append((spec, result))
+            if "error" in result and not gpu:  # e.g. more memory than this machine has
+                print(f"  {device} {name} {patch}: {result['error']}; again at batch 1")
+                spec = dataclasses.replace(spec, batch=1)
+                rows.append((spec, run_step(spec, args.timeout)))
+    print()
+    _print_steps(rows)
     if not args.no_loader:
-        workers = sorted({0, load_config().sampling.workers})
-        loader = loader_throughput(args.cases, args.samples, workers)
+        workers = sorted({0, config.sampling.workers})
+        patch = (args.patches or ["nnunet"])[0]
+        loader = loader_throughput(args.cases, args.samples, workers, patch, args.config)
         print()
         print(
-            f"Loader: PatchDataset, default augmentation, patch {'x'.join(map(str, NNUNET_PATCH))}"
-            f", {args.cases} full-size phantoms cached at shapes {loader[0]['shapes']}"
+            f"Loader: PatchDataset, the configuration's augmentation, patch "
+            f"{'x'.join(map(str, loader[0]['patch']))}, {args.cases} full-size phantoms cached "
+            f"at shapes {loader[0]['shapes']}"
         )
         print("| loader processes | samples | samples / s |")
         print("| --- | --- | --- |")
@@ -260,13 +391,13 @@ def main() -> int:
             print(f"| {row['workers'] or 'none (main process)'} | {row['samples']} | "
                   f"{row['per_second']:.2f} |")  # fmt: skip
         needed = [
-            2 / (sum(r["seconds"]) / len(r["seconds"]))
-            for device, _, patch, r in rows
-            if device == "cuda" and patch == "nnunet" and "error" not in r
+            r["steps_per_second"] * r["batch"]
+            for spec, r in rows
+            if spec.device == "cuda" and spec.patch == patch and "error" not in r
         ]
         if needed:
             print(
-                f"A GPU at the fastest step rate above consumes {max(needed):.1f} samples / s; "
+                f"The GPU at the fastest step rate above consumes {max(needed):.1f} samples / s; "
                 f"loader processes needed: about {math.ceil(max(needed) / loader[0]['per_second'])}"
             )
     return 0

@@ -126,6 +126,40 @@ def test_one_epoch_then_resume_to_two_equals_two_straight(tiny, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 2
 
 
+def test_channels_last_trains_the_same_network(tiny, tmp_path, monkeypatch):
+    """optim.channels_last changes where the numbers sit in memory, not what is learnt: the
+    network trains in NDHWC and its weights match the standard layout's to float32 rounding."""
+    built = []
+    real_build = trainer_module.build_network
+
+    def remembered(config, plan):
+        built.append(real_build(config, plan))
+        return built[-1]
+
+    monkeypatch.setattr(trainer_module, "build_network", remembered)
+    train, val = tiny.split()
+    for name, channels_last in (("a", False), ("b", True)):
+        config = tiny_config(optim={"channels_last": channels_last})
+        train_fold(config, tiny.plan, train, val, tmp_path / name, device="cpu", progress=False)
+
+    def kernels(network):  # those whose layouts differ: several input channels and voxels
+        return [
+            p for p in network.parameters() if p.dim() == 5 and min(p.shape[1], p[0, 0].numel()) > 1
+        ]
+
+    standard_kernels, channels_last_kernels = (kernels(network) for network in built)
+    assert standard_kernels and all(p.is_contiguous() for p in standard_kernels)
+    assert len(channels_last_kernels) == len(standard_kernels)
+    assert all(
+        p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+        for p in channels_last_kernels
+    )
+    standard, channels_last = (weights(tmp_path / d / LAST_CHECKPOINT) for d in ("a", "b"))
+    assert standard.keys() == channels_last.keys()
+    for name in standard:
+        torch.testing.assert_close(channels_last[name], standard[name], rtol=1e-3, atol=1e-4)
+
+
 def test_a_fresh_run_replaces_an_earlier_runs_files(tiny, tmp_path):
     train, val = tiny.split()
     train_fold(tiny.config, tiny.plan, train, val, tmp_path, device="cpu", progress=False)

@@ -41,7 +41,6 @@ TINY = {
     "optim": {"epochs": 1, "iterations_per_epoch": 2, "amp": False},
     "validation": {"batch_size": 2, "tile_step": 0.5},
     "cv": {"folds": 2, "thresholds": [0.5], "min_component_mm3": [0.0, 100.0]},
-    "export": {"tolerance": 1e-3},
 }
 
 

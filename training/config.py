@@ -95,6 +95,8 @@ class OptimConfig:
     time_limit_minutes: float | None = None
     grad_clip: float = 12.0
     amp: bool = True
+    cudnn_benchmark: bool = True
+    channels_last: bool = False
 
 
 @dataclass
@@ -115,7 +117,7 @@ class CrossValidationConfig:
 @dataclass
 class ExportConfig:
     opset: int = 17
-    tolerance: float = 1e-3
+    tolerance: float = 1e-4
 
 
 @dataclass

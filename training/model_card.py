@@ -73,7 +73,7 @@ def write_model_card(plan: Plan, config: TrainingConfig, model_dir: Path) -> Non
     }
     atomic_write_text(model_dir / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
     rows = "\n".join(
-        f"| {name} | {value:.4f} |"
+        f"| {name} | {_format(value)} |"
         for name, value in cv.get("aggregates", {}).items()
         if isinstance(value, int | float)
     )

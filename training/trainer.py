@@ -107,6 +107,12 @@ def torch_predictor(network: torch.nn.Module, device: torch.device, amp: bool) -
     return predict
 
 
+def memory_layout(config: TrainingConfig) -> torch.memory_format:
+    """The layout of weights and batches: channels-last (NDHWC) when `optim.channels_last`,
+    since cuDNN's tensor-core convolutions work in it and convert every other layout first."""
+    return torch.channels_last_3d if config.optim.channels_last else torch.contiguous_format
+
+
 def _autocast(device: torch.device, amp: bool):
     enabled = amp and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
@@ -487,7 +493,10 @@ def _train(
                 log.info("  kept initialisation: %s (%s)", name, reason)
             (out_dir / INIT_REPORT).write_text(json.dumps(init_report, indent=1) + "\n")
     context.barrier()
-    network = network.to(torch_device)
+    layout = memory_layout(config)
+    if torch_device.type == "cuda":
+        torch.backends.cudnn.benchmark = config.optim.cudnn_benchmark
+    network = network.to(torch_device, memory_format=layout)
     optimizer = _optimizer(config, network.parameters())
     scheduler = _scheduler(config, optimizer, lambda: state["epochs"])
     use_amp = config.optim.amp and torch_device.type == "cuda"
@@ -536,7 +545,7 @@ def _train(
                 leave=False,
             )
             for images, labels in bar:
-                images = images.to(torch_device, non_blocking=True)
+                images = images.to(torch_device, non_blocking=True, memory_format=layout)
                 labels = labels.to(torch_device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(torch_device, config.optim.amp):
