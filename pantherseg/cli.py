@@ -136,6 +136,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     for convention in conventions:
         print()
         print(evaluate.format_summary_table(evaluations, convention))
+        print()
+        print(evaluate.format_volume_table(evaluations, convention))
     print(f"\nper-case metrics: {args.out / 'metrics.csv'}\nsummary: {args.out / 'summary.json'}")
     if args.report:
         from pantherseg.report import write_report

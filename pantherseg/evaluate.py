@@ -60,6 +60,7 @@ class MethodEvaluation:
     cases: list[CaseResult]
     extra_predictions: list[str]
     summaries: dict[str, dict[str, float | int]]
+    by_volume: dict[str, list[dict]]  # per convention: metrics.by_tumor_volume's bands
 
     def problems(self) -> list[str]:
         lines = [
@@ -180,7 +181,10 @@ def evaluate_folder(
     label = name or Path(pred_dir).name
     cases = list(parallel_map(_score_job, tasks, max(1, jobs), progress, f"scoring {label}"))
     summaries = {c: metrics.aggregate([case.scores[c] for case in cases]) for c in conventions}
-    return MethodEvaluation(label, Path(pred_dir), cases, extra, summaries)
+    by_volume = {
+        c: metrics.by_tumor_volume([case.scores[c] for case in cases]) for c in conventions
+    }
+    return MethodEvaluation(label, Path(pred_dir), cases, extra, summaries, by_volume)
 
 
 def rankings(evaluations: Sequence[MethodEvaluation]) -> dict[str, dict[str, dict[str, float]]]:
@@ -229,6 +233,7 @@ def write_results(
             e.name: {
                 "pred_dir": str(e.pred_dir),
                 "aggregates": e.summaries,
+                "by_tumor_volume": e.by_volume,
                 "problems": e.problems(),
             }
             for e in evaluations
@@ -276,4 +281,21 @@ def format_summary_table(evaluations: Sequence[MethodEvaluation], convention: st
             f"{_fmt(s['hd95']):>9}{_fmt(s['masd']):>9}{_fmt(s['tumor_burden_rmse']):>13}"
             f"{s['n_cases']:>7}{failed:>8}{ranks[e.name]['mean_rank']:>11.2f}"
         )
+    return "\n".join(lines)
+
+
+def format_volume_table(evaluations: Sequence[MethodEvaluation], convention: str) -> str:
+    """Each method's means per band of true tumor volume."""
+    width = max(10, *(len(e.name) for e in evaluations)) + 2
+    header = (
+        f"{'method':<{width}}{'tumor volume':<16}{'cases':>6}{'dice':>8}{'sdice':>8}"
+        f"{'hd95':>9}{'masd':>9}"
+    )
+    lines = [f"by true tumor volume, spacing convention {convention}", header, "-" * len(header)]
+    for e in evaluations:
+        for band in e.by_volume[convention]:
+            lines.append(
+                f"{e.name:<{width}}{band['band']:<16}{band['n_cases']:>6}{_fmt(band['dice']):>8}"
+                f"{_fmt(band['surface_dice']):>8}{_fmt(band['hd95']):>9}{_fmt(band['masd']):>9}"
+            )
     return "\n".join(lines)

@@ -15,6 +15,7 @@ comparison.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -294,6 +295,43 @@ def aggregate(cases: Sequence[CaseMetrics]) -> dict[str, float | int]:
     summary["n_without_tumor"] = len(cases) - len(with_tumor)
     summary["n_uniform_predictions"] = sum(c.uniform_prediction for c in cases)
     return summary
+
+
+TUMOR_VOLUME_BANDS_ML = (2.0, 5.0, 10.0)  # band edges: under 2, 2 to 5, 5 to 10, 10 mL and more
+
+
+def _band_label(low: float, high: float) -> str:
+    if low == 0:
+        return f"under {high:g} mL"
+    if math.isinf(high):
+        return f"{low:g} mL and more"
+    return f"{low:g} to {high:g} mL"
+
+
+def by_tumor_volume(
+    cases: Sequence[CaseMetrics], edges_ml: Sequence[float] = TUMOR_VOLUME_BANDS_ML
+) -> list[dict[str, float | int | str | None]]:
+    """Means of the overlap and distance metrics per band of true tumor volume, for the bands
+    that hold a case. Small tumors are where models fail, and an overall mean hides how many of
+    them a test set holds."""
+    bounds = [0.0, *edges_ml, math.inf]
+    if any(low >= high for low, high in itertools.pairwise(bounds)):
+        raise ValueError(f"volume band edges must rise from above 0 mL, got {list(edges_ml)}")
+    rows: list[dict[str, float | int | str | None]] = []
+    for low, high in itertools.pairwise(bounds):
+        band = [c for c in cases if c.gt_volume_mm3 > 0 and low <= c.gt_volume_mm3 / 1000 < high]
+        if band:
+            means = aggregate(band)
+            rows.append(
+                {
+                    "band": _band_label(low, high),
+                    "min_ml": low,
+                    "max_ml": None if math.isinf(high) else high,
+                    "n_cases": len(band),
+                    **{name: means[name] for name in ("dice", "surface_dice", "hd95", "masd")},
+                }
+            )
+    return rows
 
 
 def rank_methods(summaries: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

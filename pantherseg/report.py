@@ -246,6 +246,17 @@ def write_report(
             ]
         )
     parts.append(_table(header, rows))
+    parts.append(
+        "<h2>By true tumor volume</h2><p class='note'>Means over the cases whose tumor falls in "
+        "each band: small tumors are where segmentation fails.</p>"
+    )
+    band_header = ["method", "tumor volume", "cases", "Dice", "surface Dice", "HD95 mm", "MASD mm"]
+    band_rows = [
+        [e.name, b["band"], b["n_cases"], b["dice"], b["surface_dice"], b["hd95"], b["masd"]]
+        for e in evaluations
+        for b in e.by_volume[convention]
+    ]
+    parts.append(_table(band_header, band_rows))
     for e in evaluations:
         problems = e.problems()
         if problems:

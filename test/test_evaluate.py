@@ -172,8 +172,13 @@ def test_cli_writes_csv_json_ranking_and_report(dataset, tmp_path, capsys):
     assert good["tumor_burden_rmse"] == 0.0  # shifted, not resized
     bad = summary["methods"]["bad"]["aggregates"]["zyx"]
     assert bad["tumor_burden_rmse"] == pytest.approx(math.sqrt(3 * (4 * 10 * 12 * 4.6875) ** 2 / 4))
+    bands = summary["methods"]["good"]["by_tumor_volume"]["zyx"]
+    volumes_ml = sorted(float(r["gt_volume_mm3"]) / 1000 for r in rows if r["method"] == "good")
+    assert bands[0]["min_ml"] <= volumes_ml[0] and sum(b["n_cases"] for b in bands) == 4
+    assert "by true tumor volume, spacing convention zyx" in printed.out
     page = (tmp_path / "report" / "index.html").read_text()
     assert "10003_0001" in page and "overlay_0_best.png" in page
+    assert "By true tumor volume" in page and bands[0]["band"] in page
     for png in ("metrics.png", "volumes.png", "overlay_0_best.png", "overlay_1_worst.png"):
         assert (tmp_path / "report" / png).stat().st_size > 5000
 

@@ -193,6 +193,27 @@ def test_aggregate_excludes_tumor_free_cases_from_means_only():
     assert summary["n_cases"] == 3
 
 
+def test_bands_of_tumor_volume_hold_their_cases_and_skip_empty_bands():
+    def case(dice: float, volume_ml: float) -> metrics.CaseMetrics:
+        return metrics.CaseMetrics(dice, dice, 10 * (1 - dice), 1.0, volume_ml * 1000, 0.0, False)
+
+    cases = [case(0.2, 0.5), case(0.4, 1.9), case(0.6, 2.0), case(0.9, 12.0), case(0.0, 0.0)]
+    bands = metrics.by_tumor_volume(cases)
+    assert [b["band"] for b in bands] == ["under 2 mL", "2 to 5 mL", "10 mL and more"]
+    assert [b["n_cases"] for b in bands] == [2, 1, 1]  # the tumor-free case is in none
+    assert [b["min_ml"] for b in bands] == [0.0, 2.0, 10.0]
+    assert [b["max_ml"] for b in bands] == [2.0, 5.0, None]
+    assert bands[0]["dice"] == pytest.approx(0.3) and bands[0]["hd95"] == pytest.approx(7.0)
+    assert bands[2]["surface_dice"] == pytest.approx(0.9)
+    assert metrics.by_tumor_volume([case(0.0, 0.0)]) == []
+    assert [b["band"] for b in metrics.by_tumor_volume(cases, edges_ml=[1.0])] == [
+        "under 1 mL",
+        "1 mL and more",
+    ]
+    with pytest.raises(ValueError, match="must rise"):
+        metrics.by_tumor_volume(cases, edges_ml=[5.0, 2.0])
+
+
 def test_ranking_averages_per_metric_ranks():
     summaries = {
         "a": {"dice": 0.7, "surface_dice": 0.9, "hd95": 9.0, "masd": 2.0, "tumor_burden_rmse": 5.0},

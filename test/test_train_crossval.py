@@ -143,6 +143,8 @@ def test_selection_finds_the_known_best_variant(tmp_path, jobs):
     best = table[name]
     assert best["dice"] == pytest.approx(1.0) and best["hd95"] == pytest.approx(0.0)
     assert best["n_cases"] == 3 and best["mean_rank"] == min(t["mean_rank"] for t in table.values())
+    assert [b["n_cases"] for b in best["by_tumor_volume"]] == [3]  # cubes of 125 to 343 mm^3
+    assert best["by_tumor_volume"][0]["dice"] == pytest.approx(1.0)
     assert table["t0.6_min0"]["dice"] < 1.0  # the far blob
     assert table["t0.5_min100"]["dice"] < 1.0  # the shell
     assert table["t0.7_min100_allow-empty"]["dice"] == 0.0  # nothing left

@@ -24,7 +24,22 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CV = {
     "selected": "t0.5_min0",
     "folds": 2,
-    "aggregates": {"dice": 0.7123, "surface_dice": 0.6042, "hd95": 12.5, "n_cases": 4},
+    "aggregates": {
+        "dice": 0.7123,
+        "surface_dice": 0.6042,
+        "hd95": 12.5,
+        "n_cases": 4,
+        "by_tumor_volume": [
+            {
+                "band": "under 2 mL",
+                "n_cases": 4,
+                "dice": 0.7123,
+                "surface_dice": 0.6042,
+                "hd95": 12.5,
+                "masd": 3.25,
+            }
+        ],
+    },
 }
 
 
@@ -125,6 +140,7 @@ def test_plan_card_and_the_exported_model_segment_a_phantom(tiny, tmp_path):
     card = (model / "README.md").read_text()
     assert "| dice | 0.7123 |" in card and "| hd95 | 12.5000 |" in card
     assert "| n_cases | 4 |" in card  # counts as counts
+    assert "| under 2 mL | 4 | 0.7123 | 0.6042 | 12.5000 | 3.2500 |" in card
     assert "Intended use" in card and "not a medical device" in card.lower()
 
     segmenter = Segmenter.from_model_dir(model, device="cpu")

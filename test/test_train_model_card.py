@@ -82,6 +82,11 @@ def test_evaluation_goes_before_intended_use_and_into_metadata(tmp_path, summary
     assert 0.4 < dice < 0.6  # one perfect case, one empty: the mean is about a half
     assert f"| dice | {dice:.4f} | {expected['xyz']['dice']:.4f} |" in section
     assert "| n_cases | 2 | 2 |" in section
+    assert "By true tumor volume (spacing zyx):" in section
+    bands = json.loads(summary.read_text())["methods"]["predictions"]["by_tumor_volume"]["zyx"]
+    assert sum(b["n_cases"] for b in bands) == 2
+    for band in bands:
+        assert f"| {band['band']} | {band['n_cases']} | {band['dice']:.4f} |" in section
     assert card.index("## Cross-validation") < card.index("## Held-out phantoms")
     metadata = json.loads((model / "metadata.json").read_text())
     recorded = metadata["evaluations"]["Held-out phantoms"]

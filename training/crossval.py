@@ -151,7 +151,8 @@ def select_postprocessing(
     progress: bool = True,
 ) -> tuple[str, Postprocessing, dict[str, dict[str, float]]]:
     """The variant with the best challenge ranking (mean of per-metric ranks, ties broken by
-    Dice) on the out-of-fold predictions, its settings, and every variant's aggregates."""
+    Dice) on the out-of-fold predictions, its settings, and every variant's aggregates (with
+    their means per band of tumor volume)."""
     candidates = candidate_settings(config, plan)
     tasks = [(path, cases[path.stem].label, candidates) for path in oof_files]
     if not tasks:
@@ -169,6 +170,11 @@ def select_postprocessing(
     ranks = metrics.rank_methods(summaries)
     best = min(candidates, key=lambda n: (ranks[n]["mean_rank"], -summaries[n]["dice"]))
     table = {
-        name: {**summaries[name], "mean_rank": ranks[name]["mean_rank"]} for name in candidates
+        name: {
+            **summaries[name],
+            "mean_rank": ranks[name]["mean_rank"],
+            "by_tumor_volume": metrics.by_tumor_volume([scores[name] for scores in per_case]),
+        }
+        for name in candidates
     }
     return best, candidates[best], table

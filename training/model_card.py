@@ -33,6 +33,7 @@ METRICS = (
     "n_cases",
     "n_without_tumor",
 )
+BAND_METRICS = METRICS[:4]  # those with a mean per band of tumor volume
 
 
 def _versions() -> dict[str, str]:
@@ -77,6 +78,8 @@ def write_model_card(plan: Plan, config: TrainingConfig, model_dir: Path) -> Non
         for name, value in cv.get("aggregates", {}).items()
         if isinstance(value, int | float)
     )
+    bands = cv.get("aggregates", {}).get("by_tumor_volume")
+    by_volume = f"\n\nBy true tumor volume:\n\n{band_table(bands)}" if bands else ""
     warning = (
         "- **Trained on synthetic phantoms only: these weights demonstrate the pipeline; they are"
         " not a model of real MRI.**"
@@ -101,7 +104,7 @@ def write_model_card(plan: Plan, config: TrainingConfig, model_dir: Path) -> Non
 
 | metric | value |
 | --- | --- |
-{rows or "| (not run) | |"}
+{rows or "| (not run) | |"}{by_volume}
 
 ## Intended use
 
@@ -137,6 +140,26 @@ def evaluation_section(summary: dict, title: str, note: str = "") -> str:
             values = [result["aggregates"][c].get(metric, math.nan) for c in conventions]
             lines.append(f"| {metric} | " + " | ".join(_format(v) for v in values) + " |")
         lines.append("")
+        bands = result.get("by_tumor_volume", {}).get(conventions[0])
+        if bands:
+            lines += [
+                f"By true tumor volume (spacing {conventions[0]}):",
+                "",
+                band_table(bands),
+                "",
+            ]
+    return "\n".join(lines)
+
+
+def band_table(bands: list[dict]) -> str:
+    """`pantherseg.metrics.by_tumor_volume`'s bands as a Markdown table."""
+    lines = [
+        "| tumor volume | cases | " + " | ".join(BAND_METRICS) + " |",
+        "| --- | --- |" + " --- |" * len(BAND_METRICS),
+    ]
+    for band in bands:
+        values = [band["n_cases"], *(band[m] for m in BAND_METRICS)]
+        lines.append(f"| {band['band']} | " + " | ".join(_format(v) for v in values) + " |")
     return "\n".join(lines)
 
 
@@ -167,6 +190,7 @@ def record_evaluation(model_dir: Path, summary_path: Path, title: str, note: str
     metadata.setdefault("evaluations", {})[title] = {
         "note": note,
         "methods": {m: r["aggregates"] for m, r in summary["methods"].items()},
+        "by_tumor_volume": {m: r.get("by_tumor_volume", {}) for m, r in summary["methods"].items()},
     }
     atomic_write_text(card_path, card)
     atomic_write_text(metadata_path, json.dumps(metadata, indent=2) + "\n")
