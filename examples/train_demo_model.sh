@@ -12,7 +12,9 @@
 #
 # Environment (defaults): WORK (out/demo-model), MODEL (model), PYTHON (.venv/bin/python),
 # CONFIG (examples/demo_gpu.yaml), DEVICE (cuda), JOBS (all CPUs), TRAIN_CASES (60),
-# HELDOUT_CASES (20), SIZE (full; small makes tiny phantoms to try the script out).
+# HELDOUT_CASES (20), SIZE (full; small makes tiny phantoms to try the script out),
+# FINETUNE_MINUTES (3.0 per fold), INIT_DIR (unset; a work folder whose fold_k/best.pt the
+# fine-tuning starts from instead of this run's stage 1).
 set -euo pipefail
 WORK=${WORK:-out/demo-model}
 MODEL=${MODEL:-model}
@@ -63,16 +65,24 @@ if wants train; then
     step train_folds_side_by_side
 fi
 if wants finetune; then
-    "$PY" - "$WORK/work" <<'PYTHON'
+    # Each fold starts from its stage-1 best weights, or from $INIT_DIR/fold_k/best.pt when set:
+    # weights carried from an earlier run, to continue it on a fresh machine (STEPS="data finetune").
+    "$PY" - "$WORK/work" "${FINETUNE_MINUTES:-3.0}" "${INIT_DIR:-}" <<'PYTHON'
 import pathlib, shutil, sys, yaml
 
-work = pathlib.Path(sys.argv[1])
+work, minutes, init = pathlib.Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 config = yaml.safe_load((work / "config.yaml").read_text())
-config["optim"].update(lr=config["optim"]["lr"] / 2, warmup_epochs=0, time_limit_minutes=3.0)
+for k in range(int(config["cv"]["folds"])):
+    fold = work / f"fold_{k}"
+    source = (pathlib.Path(init) / f"fold_{k}" if init else fold) / "best.pt"
+    if not source.is_file():
+        sys.exit(f"{source}: no weights to fine-tune fold {k} from")
+    fold.mkdir(exist_ok=True)
+    shutil.copyfile(source, fold / "stage1_best.pt")
+    if (source.parent / "history.json").is_file():
+        shutil.copyfile(source.parent / "history.json", fold / "stage1_history.json")
+config["optim"].update(lr=config["optim"]["lr"] / 2, warmup_epochs=0, time_limit_minutes=minutes)
 (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-for fold in sorted(work.glob("fold_*")):
-    shutil.copyfile(fold / "best.pt", fold / "stage1_best.pt")
-    shutil.copyfile(fold / "history.json", fold / "stage1_history.json")
 PYTHON
     step train_folds_side_by_side stage1_best.pt
 fi
