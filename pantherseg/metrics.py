@@ -29,6 +29,7 @@ SpacingConvention = Literal["zyx", "xyz"]
 SPACING_CONVENTIONS: tuple[SpacingConvention, ...] = ("zyx", "xyz")
 
 DEFAULT_TOLERANCE_MM = 5.0
+CASE_MEAN_METRICS = ("dice", "surface_dice", "hd95", "masd")  # averaged over cases with a tumor
 DEFAULT_HAUSDORFF_PERCENT = 95.0
 
 # Bit weight of each corner of a 2x2x2 cube, indexed by the corner's (dz, dy, dx) offset. It is the
@@ -285,7 +286,7 @@ def aggregate(cases: Sequence[CaseMetrics]) -> dict[str, float | int]:
         raise ValueError("no cases to aggregate")
     with_tumor = [c for c in cases if c.gt_volume_mm3 > 0]
     summary: dict[str, float | int] = {}
-    for name in ("dice", "surface_dice", "hd95", "masd"):
+    for name in CASE_MEAN_METRICS:
         values = [getattr(c, name) for c in with_tumor]
         summary[name] = float(np.mean(values)) if values else math.nan
     summary["tumor_burden_rmse"] = tumor_burden_rmse(
@@ -328,7 +329,7 @@ def by_tumor_volume(
                     "min_ml": low,
                     "max_ml": None if math.isinf(high) else high,
                     "n_cases": len(band),
-                    **{name: means[name] for name in ("dice", "surface_dice", "hd95", "masd")},
+                    **{name: means[name] for name in CASE_MEAN_METRICS},
                 }
             )
     return rows

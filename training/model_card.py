@@ -18,6 +18,7 @@ import torch
 
 import pantherseg
 from pantherseg.io import atomic_write_text
+from pantherseg.metrics import CASE_MEAN_METRICS
 from pantherseg.plan import Plan
 from training.config import TrainingConfig
 
@@ -33,7 +34,6 @@ METRICS = (
     "n_cases",
     "n_without_tumor",
 )
-BAND_METRICS = METRICS[:4]  # those with a mean per band of tumor volume
 
 
 def _versions() -> dict[str, str]:
@@ -154,11 +154,11 @@ def evaluation_section(summary: dict, title: str, note: str = "") -> str:
 def band_table(bands: list[dict]) -> str:
     """`pantherseg.metrics.by_tumor_volume`'s bands as a Markdown table."""
     lines = [
-        "| tumor volume | cases | " + " | ".join(BAND_METRICS) + " |",
-        "| --- | --- |" + " --- |" * len(BAND_METRICS),
+        "| tumor volume | cases | " + " | ".join(CASE_MEAN_METRICS) + " |",
+        "| --- | --- |" + " --- |" * len(CASE_MEAN_METRICS),
     ]
     for band in bands:
-        values = [band["n_cases"], *(band[m] for m in BAND_METRICS)]
+        values = [band["n_cases"], *(band[m] for m in CASE_MEAN_METRICS)]
         lines.append(f"| {band['band']} | " + " | ".join(_format(v) for v in values) + " |")
     return "\n".join(lines)
 
