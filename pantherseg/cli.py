@@ -84,6 +84,14 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         help="spacing order: zyx is correct, xyz reproduces the organisers' script",
     )
     p.add_argument("--tolerance", type=float, default=5.0, help="surface Dice tolerance in mm")
+    p.add_argument(
+        "--volume-bands",
+        type=float,
+        nargs="+",
+        metavar="ML",
+        help="edges of the tumor-volume bands the means are also given for (default: 2 5 10, "
+        "pantherseg.metrics.TUMOR_VOLUME_BANDS_ML)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="cases scored in parallel")
     p.add_argument("--report", type=Path, help="also write an HTML report with images here")
     p.add_argument(
@@ -108,11 +116,13 @@ def _method_names(pred_dirs: Sequence[Path], names: Sequence[str] | None) -> lis
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from pantherseg import evaluate
+    from pantherseg import evaluate, metrics
 
     conventions = ["zyx", "xyz"] if args.convention == "both" else [args.convention]
     if args.tolerance <= 0:
         raise ValueError(f"--tolerance must be positive, got {args.tolerance}")
+    volume_bands = args.volume_bands or metrics.TUMOR_VOLUME_BANDS_ML
+    metrics.volume_band_bounds(volume_bands)  # before any case is scored
     names = _method_names(args.pred, args.names)
     evaluations = [
         evaluate.evaluate_folder(
@@ -123,6 +133,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             args.tolerance,
             jobs=max(1, args.jobs),
             progress=not args.quiet,
+            volume_bands_ml=volume_bands,
         )
         for pred, name in zip(args.pred, names, strict=True)
     ]

@@ -163,8 +163,10 @@ def evaluate_folder(
     tolerance_mm: float = metrics.DEFAULT_TOLERANCE_MM,
     jobs: int = 1,
     progress: bool = True,
+    volume_bands_ml: Sequence[float] = metrics.TUMOR_VOLUME_BANDS_ML,
 ) -> MethodEvaluation:
-    """Scores every ground-truth case of `gt_dir` against its prediction in `pred_dir`."""
+    """Scores every ground-truth case of `gt_dir` against its prediction in `pred_dir`, and
+    averages them overall and per band of true tumor volume (edges `volume_bands_ml`)."""
     gt_files = list_images(gt_dir)
     if not gt_files:
         raise EvaluationError(f"{gt_dir}: no ground-truth images (.mha, .nii.gz, .nii, .nrrd)")
@@ -182,7 +184,8 @@ def evaluate_folder(
     cases = list(parallel_map(_score_job, tasks, max(1, jobs), progress, f"scoring {label}"))
     summaries = {c: metrics.aggregate([case.scores[c] for case in cases]) for c in conventions}
     by_volume = {
-        c: metrics.by_tumor_volume([case.scores[c] for case in cases]) for c in conventions
+        c: metrics.by_tumor_volume([case.scores[c] for case in cases], volume_bands_ml)
+        for c in conventions
     }
     return MethodEvaluation(label, Path(pred_dir), cases, extra, summaries, by_volume)
 

@@ -309,17 +309,22 @@ def _band_label(low: float, high: float) -> str:
     return f"{low:g} to {high:g} mL"
 
 
+def volume_band_bounds(edges_ml: Sequence[float]) -> list[float]:
+    """0, the edges, infinity; an error for edges that do not rise from above 0 mL."""
+    bounds = [0.0, *edges_ml, math.inf]
+    if any(low >= high for low, high in itertools.pairwise(bounds)):
+        raise ValueError(f"volume band edges must rise from above 0 mL, got {list(edges_ml)}")
+    return bounds
+
+
 def by_tumor_volume(
     cases: Sequence[CaseMetrics], edges_ml: Sequence[float] = TUMOR_VOLUME_BANDS_ML
 ) -> list[dict[str, float | int | str | None]]:
     """Means of the overlap and distance metrics per band of true tumor volume, for the bands
     that hold a case. Small tumors are where models fail, and an overall mean hides how many of
     them a test set holds."""
-    bounds = [0.0, *edges_ml, math.inf]
-    if any(low >= high for low, high in itertools.pairwise(bounds)):
-        raise ValueError(f"volume band edges must rise from above 0 mL, got {list(edges_ml)}")
     rows: list[dict[str, float | int | str | None]] = []
-    for low, high in itertools.pairwise(bounds):
+    for low, high in itertools.pairwise(volume_band_bounds(edges_ml)):
         band = [c for c in cases if c.gt_volume_mm3 > 0 and low <= c.gt_volume_mm3 / 1000 < high]
         if band:
             means = aggregate(band)

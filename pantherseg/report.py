@@ -99,6 +99,35 @@ def plot_volumes(evaluations: Sequence[MethodEvaluation], convention: str, path:
     return _save(fig, path)
 
 
+def plot_dice_by_volume(
+    evaluations: Sequence[MethodEvaluation], convention: str, path: Path
+) -> str:
+    """Each case's Dice against its true tumor volume (log scale), with the volume bands of the
+    summary: where along the size range a method starts to miss tumors."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for evaluation in evaluations:
+        scores = [c.scores[convention] for c in evaluation.cases]
+        with_tumor = [s for s in scores if s.gt_volume_mm3 > 0]
+        ax.scatter(
+            [s.gt_volume_mm3 / 1000 for s in with_tumor],
+            [s.dice for s in with_tumor],
+            s=18,
+            alpha=0.75,
+            label=evaluation.name,
+        )
+    edges = sorted({b["min_ml"] for e in evaluations for b in e.by_volume[convention]} - {0.0})
+    for edge in edges:
+        ax.axvline(edge, color="grey", linewidth=1, linestyle="--")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("ground-truth tumor volume (mL, log scale)")
+    ax.set_ylabel("Dice")
+    ax.set_title("Dice by tumor size (dashed: the summary's volume bands)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _find_image(images: dict[str, Path], case_id: str) -> Path | None:
     return images.get(case_id + CHANNEL_SUFFIX) or images.get(case_id)
 
@@ -257,6 +286,9 @@ def write_report(
         for b in e.by_volume[convention]
     ]
     parts.append(_table(band_header, band_rows))
+    if band_rows:
+        name = plot_dice_by_volume(evaluations, convention, out_dir / "dice_by_volume.png")
+        parts.append(f"<img src='{name}' alt='Dice by tumor volume'>")
     for e in evaluations:
         problems = e.problems()
         if problems:

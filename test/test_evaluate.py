@@ -179,7 +179,8 @@ def test_cli_writes_csv_json_ranking_and_report(dataset, tmp_path, capsys):
     page = (tmp_path / "report" / "index.html").read_text()
     assert "10003_0001" in page and "overlay_0_best.png" in page
     assert "By true tumor volume" in page and bands[0]["band"] in page
-    for png in ("metrics.png", "volumes.png", "overlay_0_best.png", "overlay_1_worst.png"):
+    pngs = ("metrics.png", "volumes.png", "dice_by_volume.png", "overlay_0_best.png")
+    for png in (*pngs, "overlay_1_worst.png"):
         assert (tmp_path / "report" / png).stat().st_size > 5000
 
 
@@ -212,3 +213,21 @@ def test_cli_reports_bad_folders_with_exit_status_2(dataset, tmp_path, capsys):
     assert code == 2
     assert "gone: not a folder" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_volume_bands_are_chosen_and_checked(dataset, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--pred", str(dataset["good"]), "--gt", str(dataset["gt"]), "--quiet"]
+    assert main([*argv, "--out", str(out), "--volume-bands", "0.001"]) == 0
+    bands = json.loads((out / "summary.json").read_text())["methods"]["good"]["by_tumor_volume"]
+    assert [(b["band"], b["n_cases"]) for b in bands["zyx"]] == [("0.001 mL and more", 4)]
+    assert "0.001 mL and more" in capsys.readouterr().out
+    bad = tmp_path / "bad-bands"
+
+    def not_to_be_scored(*args, **kwargs):
+        raise AssertionError("bad bands must stop the command before any case is scored")
+
+    monkeypatch.setattr(evaluate, "evaluate_folder", not_to_be_scored)
+    assert main([*argv, "--out", str(bad), "--volume-bands", "5", "2"]) == 2
+    assert "volume band edges must rise" in capsys.readouterr().err
+    assert not bad.exists()
