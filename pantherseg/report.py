@@ -80,6 +80,17 @@ def plot_metric_distributions(
     return _save(fig, path)
 
 
+def _finish_scatter(
+    fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str, path: Path
+) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_volumes(evaluations: Sequence[MethodEvaluation], convention: str, path: Path) -> str:
     """Predicted against true tumor volume: the tumor burden metric made visible."""
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -91,12 +102,14 @@ def plot_volumes(evaluations: Sequence[MethodEvaluation], convention: str, path:
         ax.scatter(gt, pred, s=18, alpha=0.75, label=f"{evaluation.name} (RMSE {rmse:.2f} mL)")
         top = max(top, float(gt.max(initial=0)), float(pred.max(initial=0)))
     ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", linewidth=1, linestyle="--")
-    ax.set_xlabel("ground-truth tumor volume (mL)")
-    ax.set_ylabel("predicted tumor volume (mL)")
-    ax.set_title("Tumor burden")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish_scatter(
+        fig,
+        ax,
+        "ground-truth tumor volume (mL)",
+        "predicted tumor volume (mL)",
+        "Tumor burden",
+        path,
+    )
 
 
 def plot_dice_by_volume(
@@ -120,12 +133,10 @@ def plot_dice_by_volume(
         ax.axvline(edge, color="grey", linewidth=1, linestyle="--")
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("ground-truth tumor volume (mL, log scale)")
-    ax.set_ylabel("Dice")
-    ax.set_title("Dice by tumor size (dashed: the summary's volume bands)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    title = "Dice by tumor size (dashed: the summary's volume bands)"
+    return _finish_scatter(
+        fig, ax, "ground-truth tumor volume (mL, log scale)", "Dice", title, path
+    )
 
 
 def _find_image(images: dict[str, Path], case_id: str) -> Path | None:
