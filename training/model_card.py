@@ -25,15 +25,7 @@ from training.config import TrainingConfig
 CARD_FILE = "README.md"
 METADATA_FILE = "metadata.json"
 INTENDED_USE_HEADING = "## Intended use"
-METRICS = (
-    "dice",
-    "surface_dice",
-    "hd95",
-    "masd",
-    "tumor_burden_rmse",
-    "n_cases",
-    "n_without_tumor",
-)
+METRICS = (*CASE_MEAN_METRICS, "tumor_burden_rmse", "n_cases", "n_without_tumor")
 
 
 def _versions() -> dict[str, str]:
@@ -73,12 +65,13 @@ def write_model_card(plan: Plan, config: TrainingConfig, model_dir: Path) -> Non
         "not a medical device",
     }
     atomic_write_text(model_dir / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+    aggregates = cv.get("aggregates", {})
     rows = "\n".join(
         f"| {name} | {_format(value)} |"
-        for name, value in cv.get("aggregates", {}).items()
+        for name, value in aggregates.items()
         if isinstance(value, int | float)
     )
-    bands = cv.get("aggregates", {}).get("by_tumor_volume")
+    bands = aggregates.get("by_tumor_volume")
     by_volume = f"\n\nBy true tumor volume:\n\n{band_table(bands)}" if bands else ""
     warning = (
         "- **Trained on synthetic phantoms only: these weights demonstrate the pipeline; they are"
