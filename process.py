@@ -14,9 +14,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from pantherseg.grand_challenge import find_input_image, output_mask_path
-from pantherseg.pipeline import Segmenter, segment_file
-from pantherseg.plan import PLAN_FILE
+from pantherseg.inference.grand_challenge import find_input_image, output_mask_path
+from pantherseg.inference.pipeline import Segmenter, segment_file
+from pantherseg.inference.plan import MIRRORING_CHOICES, PLAN_FILE
 
 GRAND_CHALLENGE_MODEL = Path("/opt/ml/model")
 BAKED_MODEL = Path(__file__).resolve().parent / "model"
@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"else {BAKED_MODEL})",
     )
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument(
+        "--mirroring",
+        choices=MIRRORING_CHOICES,
+        default="plan",
+        help="test-time mirroring over the trained axes: as the plan says (default), on or off",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
     parser.add_argument("--traceback", action="store_true", help="print tracebacks of failures")
     return parser.parse_args(argv)
@@ -61,7 +67,9 @@ def run(args: argparse.Namespace) -> Path:
     output = output_mask_path(args.output, case.path)
     _check_writable(output.parent)
     model_dir = args.model or default_model_dir()
-    segmenter = Segmenter.from_model_dir(model_dir, device=args.device, threads=args.threads)
+    segmenter = Segmenter.from_model_dir(
+        model_dir, device=args.device, threads=args.threads, mirroring=args.mirroring
+    )
     logging.getLogger("pantherseg").info(
         "input %s (%s); model: %s", case.path, case.socket, segmenter.description
     )

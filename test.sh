@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the image, then runs it the way grand-challenge does (no network, read-only /input, no
-# capabilities) on one sample case and on one bad input, and checks what comes out.
+# Builds the image, checks that every module it holds under /opt/app/pantherseg imports, then runs
+# it the way grand-challenge does (no network, read-only /input, no capabilities) on one sample case,
+# on one bad input and, when the image bakes a model, with another model uploaded to /opt/ml/model,
+# and checks what comes out.
 #
 #   ./test.sh                 build (./build.sh), then test
 #   SKIP_BUILD=1 ./test.sh    test the image that is already built
@@ -8,7 +10,8 @@
 # Sample case: test/input/ (laid out like /input: images/abdominal-t1-mri/<name>.mha, inputs.json
 # optional) when it exists, else one phantom from `pantherseg synth`. Weights: the baked model when
 # model/plan.json exists, else a tiny threshold network (test/model_factory.py) mounted read-only at
-# /opt/ml/model. Expected mask: test/expected_output/ (laid out like /output) when it exists.
+# /opt/ml/model. Expected mask: test/expected_output/ (laid out like /output) when it exists. A
+# successful run must write nothing on stderr: grand-challenge shows stderr as errors.
 # Needs docker and the project venv (.venv; `make test` creates it) for the sample and the checks.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -42,7 +45,7 @@ cleanup() {
     # The container's user owns what it wrote; a non-root caller removes that through the image.
     if ! rm -rf "$WORK" 2>/dev/null; then
         docker run --rm --network none --user 0:0 --entrypoint /bin/rm -v "$WORK:/work" "$IMAGE" \
-            -rf /work/ok-output /work/bad-output >/dev/null 2>&1 || true
+            -rf /work/ok-output /work/bad-output /work/uploaded-output >/dev/null 2>&1 || true
         rm -rf "$WORK" || echo "test.sh: could not remove $WORK" >&2
     fi
 }
@@ -52,6 +55,46 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     ./build.sh
 fi
 docker image inspect "$IMAGE" >/dev/null 2>&1 || fail "image $IMAGE not found: run ./build.sh"
+
+# --- every module the image holds imports ------------------------------------------------------
+# process.py imports only some of them; one that ships but cannot import (a dependency missing from
+# requirements.txt, a file .dockerignore left out) must fail here, by name, not in a user's job.
+step "importing every Python module under /opt/app/pantherseg inside the image"
+IMPORT_ALL='
+import importlib
+import sys
+from pathlib import Path
+
+app = Path("/opt/app")
+sys.path.insert(0, str(app))
+names = sorted(
+    ".".join(path.relative_to(app).with_suffix("").parts).removesuffix(".__init__")
+    for path in (app / "pantherseg").rglob("*.py")
+)
+failed = []
+for name in names:
+    try:
+        module = importlib.import_module(name)
+    except BaseException as error:
+        failed.append(f"{name}: {type(error).__name__}: {error}")
+        continue
+    if not str(getattr(module, "__file__", "")).startswith(f"{app}/"):
+        failed.append(f"{name}: loaded from {module.__file__}, not from {app}")
+for line in failed:
+    print(f"cannot import {line}")
+print(f"imported {len(names) - len(failed)} of {len(names)} modules under {app}/pantherseg")
+sys.exit(1 if failed or not names else 0)
+'
+IMPORTS_NAME="pantherseg-test-$$-imports"
+CONTAINERS+=("$IMPORTS_NAME")
+if ! docker run --rm --name "$IMPORTS_NAME" --network none --cap-drop ALL \
+    --security-opt no-new-privileges --entrypoint /opt/venv/bin/python "$IMAGE" -c "$IMPORT_ALL" \
+    >"$WORK/imports.log" 2>&1; then
+    sed 's/^/    | /' "$WORK/imports.log"
+    BROKEN="$(sed -n 's/^cannot import \([^:]*\):.*/\1/p' "$WORK/imports.log" | paste -sd ' ' -)"
+    fail "modules of the image that do not import: ${BROKEN:-none named (see above)}"
+fi
+step "$(tail -n 1 "$WORK/imports.log")"
 
 # --- the sample case ---------------------------------------------------------------------------
 INPUT="$WORK/input"
@@ -116,12 +159,9 @@ cp "$INPUT_IMAGE" "$BAD_INPUT/$INPUT_SOCKET/a.mha"
 cp "$INPUT_IMAGE" "$BAD_INPUT/$INPUT_SOCKET/b.mha"
 
 # --- the model ---------------------------------------------------------------------------------
-MODEL_ARGS=()
-if [ -f model/plan.json ]; then
-    step "model: the one baked into the image (model/plan.json)"
-else
-    step "model: a threshold network mounted at /opt/ml/model (no model/plan.json)"
-    "$PYTHON" - "$WORK/model" <<'PY' || fail "could not build the test model"
+# threshold_model DIR: the tiny threshold network of test/model_factory.py, as a model folder.
+threshold_model() {
+    "$PYTHON" - "$1" <<'PY' || fail "could not build the test model in $1"
 import sys
 from pathlib import Path
 
@@ -130,13 +170,33 @@ from model_factory import threshold_model_dir  # noqa: E402
 
 threshold_model_dir(Path(sys.argv[1]))
 PY
+}
+
+MODEL_ARGS=()
+UPLOADED_MODEL=""
+if [ -f model/plan.json ]; then
+    step "model: the one baked into the image (model/plan.json)"
+    MODEL_USED=/opt/app/model
+    # A model uploaded to grand-challenge (extracted to /opt/ml/model) must win over the baked one.
+    UPLOADED_MODEL="$WORK/uploaded-model"
+    threshold_model "$UPLOADED_MODEL"
+else
+    step "model: a threshold network mounted at /opt/ml/model (no model/plan.json)"
+    MODEL_USED=/opt/ml/model
+    threshold_model "$WORK/model"
     MODEL_ARGS=(--volume "$WORK/model:/opt/ml/model:ro")
 fi
 
+# names_model NAME DIR: whether container NAME's log says it segmented with the model in DIR
+# (process.py logs "...; model: N fold(s) from DIR on ...").
+names_model() {
+    grep -Eq "model: .* $2([ ;]|\$)" "$WORK/$1.stdout"
+}
+
 # mktemp made $WORK private; the container's user must read the inputs and write the outputs.
-mkdir -p "$WORK/ok-output" "$WORK/bad-output"
+mkdir -p "$WORK/ok-output" "$WORK/bad-output" "$WORK/uploaded-output"
 chmod -R a+rX "$WORK"
-chmod 0777 "$WORK/ok-output" "$WORK/bad-output"
+chmod 0777 "$WORK/ok-output" "$WORK/bad-output" "$WORK/uploaded-output"
 
 GPU_ARGS=()
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
@@ -146,7 +206,8 @@ else
     step "no GPU (nvidia-smi absent or failing): running on the CPU"
 fi
 
-# run NAME INPUT OUTPUT: the container as grand-challenge runs it; sets RC, writes NAME.stdout/.stderr.
+# run NAME INPUT OUTPUT [DOCKER ARGS...]: the container as grand-challenge runs it, with any extra
+# docker arguments (e.g. a mount); sets RC, writes NAME.stdout/.stderr.
 run() {
     local name="pantherseg-test-$$-$1"
     CONTAINERS+=("$name")
@@ -156,7 +217,7 @@ run() {
         --security-opt no-new-privileges --pids-limit 256 --shm-size 128m --memory 16g \
         ${GPU_ARGS[@]+"${GPU_ARGS[@]}"} \
         --volume "$2:/input:ro" --volume "$3:/output" \
-        ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} \
+        ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} "${@:4}" \
         "$IMAGE" >"$WORK/$1.stdout" 2>"$WORK/$1.stderr"
     RC=$?
     set -e
@@ -169,23 +230,18 @@ run() {
     sed 's/^/    err| /' "$WORK/$1.stderr"
 }
 
-# --- case 1: one image in, one mask out --------------------------------------------------------
-run ok "$INPUT" "$WORK/ok-output"
-[ "$RC" -eq 0 ] || fail "the container exited with $RC on the sample case"
+# silent_stderr NAME: a successful run writes nothing on stderr (grand-challenge shows it as errors).
+silent_stderr() {
+    if [ -s "$WORK/$1.stderr" ]; then
+        fail "container '$1' succeeded but wrote $(grep -c '' "$WORK/$1.stderr") line(s) on stderr" \
+            "(see 'err|' above); grand-challenge shows stderr as errors"
+    fi
+}
 
-PROVIDER="$(grep -o 'running on [A-Za-z]*ExecutionProvider' "$WORK/ok.stdout" | head -n 1 || true)"
-[ -n "$PROVIDER" ] || fail "the log names no execution provider ('running on ...ExecutionProvider')"
-step "network: $PROVIDER"
-if [ "${#GPU_ARGS[@]}" -gt 0 ] && [ "$PROVIDER" = "running on CPUExecutionProvider" ]; then
-    fail "a GPU is present but the network ran on the CPU: CUDA libraries or driver do not match"
-fi
-
-EXPECTED_ARGS=()
-if [ -d test/expected_output ]; then
-    EXPECTED_ARGS=(test/expected_output)
-fi
-"$PYTHON" - "$INPUT_IMAGE" "$WORK/ok-output" "$OUTPUT_SOCKET" "$EXPECTED_MIN_DICE" \
-    ${EXPECTED_ARGS[@]+"${EXPECTED_ARGS[@]}"} <<'PY' || fail "the mask is wrong (see above)"
+# check_mask OUTPUT [EXPECTED_ROOT]: exactly one non-empty uint8 {0, 1} mask, on the input's grid,
+# under OUTPUT/$OUTPUT_SOCKET and nothing else; with EXPECTED_ROOT, close to the mask there.
+check_mask() {
+    "$PYTHON" - "$INPUT_IMAGE" "$1" "$OUTPUT_SOCKET" "$EXPECTED_MIN_DICE" "${@:2}" <<'PY'
 import sys
 from pathlib import Path
 
@@ -246,6 +302,27 @@ for problem in problems:
     print(f"mask problem: {problem}")
 sys.exit(1 if problems else 0)
 PY
+}
+
+# --- case 1: one image in, one mask out --------------------------------------------------------
+run ok "$INPUT" "$WORK/ok-output"
+[ "$RC" -eq 0 ] || fail "the container exited with $RC on the sample case"
+silent_stderr ok
+names_model ok "$MODEL_USED" || fail "the log does not name $MODEL_USED as the model used"
+
+PROVIDER="$(grep -o 'running on [A-Za-z]*ExecutionProvider' "$WORK/ok.stdout" | head -n 1 || true)"
+[ -n "$PROVIDER" ] || fail "the log names no execution provider ('running on ...ExecutionProvider')"
+step "network: $PROVIDER"
+if [ "${#GPU_ARGS[@]}" -gt 0 ] && [ "$PROVIDER" = "running on CPUExecutionProvider" ]; then
+    fail "a GPU is present but the network ran on the CPU: CUDA libraries or driver do not match"
+fi
+
+EXPECTED_ARGS=()
+if [ -d test/expected_output ]; then
+    EXPECTED_ARGS=(test/expected_output)
+fi
+check_mask "$WORK/ok-output" ${EXPECTED_ARGS[@]+"${EXPECTED_ARGS[@]}"} \
+    || fail "the mask is wrong (see above)"
 step "sample case: OK"
 
 # --- case 2: two images in, a clear failure out ------------------------------------------------
@@ -257,5 +334,18 @@ grep -q '^process.py: error: ' "$WORK/bad.stderr" || fail "the stderr line is no
 LEFT="$(find "$WORK/bad-output" -mindepth 1 | sed "s|^$WORK/bad-output/||")"
 [ -z "$LEFT" ] || fail "the failed run left output behind: $LEFT"
 step "bad input: OK (exit $RC, one error line, no output)"
+
+# --- case 3: a model uploaded to /opt/ml/model wins over the baked one -------------------------
+if [ -n "$UPLOADED_MODEL" ]; then
+    run uploaded "$INPUT" "$WORK/uploaded-output" --volume "$UPLOADED_MODEL:/opt/ml/model:ro"
+    [ "$RC" -eq 0 ] || fail "the container exited with $RC with a model mounted at /opt/ml/model"
+    silent_stderr uploaded
+    names_model uploaded /opt/ml/model \
+        || fail "a model is mounted at /opt/ml/model but the log does not name it as the model used"
+    check_mask "$WORK/uploaded-output" || fail "the mask made with the uploaded model is wrong"
+    step "uploaded model: OK (/opt/ml/model used, not the baked model)"
+else
+    step "uploaded model: skipped (no baked model; the sample case already used /opt/ml/model)"
+fi
 
 step "PASS ($IMAGE)"

@@ -32,7 +32,14 @@ def build_model(model_dir: Path, folds: int, mirror: bool) -> None:
     """Exports the default network (random weights) `folds` times and writes a plan."""
     import torch
 
-    from pantherseg.plan import FoldWeights, Inference, Plan, Preprocessing, save_plan, sha256_of
+    from pantherseg.inference.plan import (
+        FoldWeights,
+        Inference,
+        Plan,
+        Preprocessing,
+        save_plan,
+        sha256_of,
+    )
     from training.config import load_config
     from training.export import export_onnx
     from training.networks import build_network
@@ -42,7 +49,10 @@ def build_model(model_dir: Path, folds: int, mirror: bool) -> None:
         task="task1",
         preprocessing=Preprocessing(target_spacing_zyx=SPACING_ZYX),
         inference=Inference(
-            patch_size_zyx=PATCH, folds=(), mirror_axes=(0, 1, 2) if mirror else ()
+            patch_size_zyx=PATCH,
+            folds=(),
+            mirror_axes=(0, 1, 2),
+            test_time_mirroring=mirror,
         ),
     )
     torch.manual_seed(0)
@@ -69,7 +79,7 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 import numpy as np, SimpleITK as sitk
-from pantherseg.pipeline import Segmenter, segment_file
+from pantherseg.inference.pipeline import Segmenter, segment_file
 model, image_path, out, device = sys.argv[1:5]
 start = time.perf_counter()
 segmenter = Segmenter.from_model_dir(Path(model), device=device)

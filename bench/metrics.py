@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from pantherseg import evaluate, metrics
+from pantherseg.scoring import evaluate, metrics
 
 SHAPE = (88, 466, 570)
 SPACING = (3.0, 1.1875, 1.1875)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from pantherseg.synthetic import generate_case
+from pantherseg.phantoms.synthetic import generate_case
 
 CASES = [
     # (row name, task, size, forced shape (z, y, x))

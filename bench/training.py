@@ -234,7 +234,7 @@ def loader_throughput(
     """Samples per second of PatchDataset over `cases` full-size phantoms."""
     import torch
 
-    from pantherseg.synthetic import write_dataset
+    from pantherseg.phantoms.synthetic import write_dataset
     from training.cache import preprocess_dataset
     from training.data import discover
     from training.trainer import PatchDataset, epoch_loader

@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from pantherseg.io import list_images, read_image
+from pantherseg.inference.io import list_images, read_image
 
 
 def eroded(tumor: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The `pantherseg` command: `synth` makes phantoms, `predict` segments, `evaluate` scores.
+"""The `pantherseg` command: `synth` makes phantoms, `predict` segments, `evaluate` scores,
+`upgrade-plan` converts an older model's plan.
 
 Each subcommand turns an expected failure (bad input, unreadable file) into one line on stderr and
 exit status 2; anything else is a bug and keeps its traceback.
@@ -12,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pantherseg import __version__
-from pantherseg.io import ImageError
+from pantherseg.inference.io import ImageError
+from pantherseg.inference.plan import MIRRORING_CHOICES
 
 
 def _add_synth(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +41,7 @@ def _add_synth(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from pantherseg.synthetic import write_dataset
+    from pantherseg.phantoms.synthetic import write_dataset
 
     infos = write_dataset(
         args.out,
@@ -90,7 +92,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="ML",
         help="edges of the tumor-volume bands the means are also given for (default: 2 5 10, "
-        "pantherseg.metrics.TUMOR_VOLUME_BANDS_ML)",
+        "pantherseg.scoring.metrics.TUMOR_VOLUME_BANDS_ML)",
     )
     p.add_argument("--jobs", type=int, default=1, help="cases scored in parallel")
     p.add_argument("--report", type=Path, help="also write an HTML report with images here")
@@ -116,7 +118,7 @@ def _method_names(pred_dirs: Sequence[Path], names: Sequence[str] | None) -> lis
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from pantherseg import evaluate, metrics
+    from pantherseg.scoring import evaluate, metrics
 
     conventions = ["zyx", "xyz"] if args.convention == "both" else [args.convention]
     if args.tolerance <= 0:
@@ -151,7 +153,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(evaluate.format_volume_table(evaluations, convention))
     print(f"\nper-case metrics: {args.out / 'metrics.csv'}\nsummary: {args.out / 'summary.json'}")
     if args.report:
-        from pantherseg.report import write_report
+        from pantherseg.scoring.report import write_report
 
         page = write_report(
             evaluations, args.report, images_dir=args.images, convention=conventions[0]
@@ -176,11 +178,17 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
+    p.add_argument(
+        "--mirroring",
+        choices=MIRRORING_CHOICES,
+        default="plan",
+        help="test-time mirroring over the trained axes: as the plan says (default), on or off",
+    )
     p.set_defaults(run=_run_predict)
 
 
 def _collect_images(inputs: Sequence[Path]) -> list[Path]:
-    from pantherseg.io import list_images, strip_image_suffix
+    from pantherseg.inference.io import list_images, strip_image_suffix
 
     files: list[Path] = []
     for item in inputs:
@@ -204,19 +212,22 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from pantherseg.engines import EngineError
-    from pantherseg.io import strip_image_suffix
-    from pantherseg.pipeline import Segmenter, segment_file
+    from pantherseg.inference.engines import EngineError
+    from pantherseg.inference.io import strip_image_suffix
+    from pantherseg.inference.pipeline import Segmenter, segment_file
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # Progress and the log go to stdout, as in process.py: stderr is for failures only.
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(levelname)s %(message)s")
     files = _collect_images(args.inputs)
     try:
-        segmenter = Segmenter.from_model_dir(args.model, device=args.device, threads=args.threads)
+        segmenter = Segmenter.from_model_dir(
+            args.model, device=args.device, threads=args.threads, mirroring=args.mirroring
+        )
     except EngineError as error:
         raise ValueError(str(error)) from None
     print(f"model: {segmenter.description}")
     failures = []
-    for path in tqdm(files, desc="segmenting", unit="case"):
+    for path in tqdm(files, desc="segmenting", unit="case", file=sys.stdout):
         target = args.output / f"{strip_image_suffix(path.name)}.mha"
         try:
             segment_file(segmenter, path, target)
@@ -227,6 +238,33 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _add_upgrade_plan(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "upgrade-plan",
+        help="convert a model's version 1 plan.json to the current format, in place",
+        description="Moves the plan's training provenance to metadata.json and adds what version "
+        "2 records; the weights are not touched.",
+    )
+    p.add_argument("model", type=Path, help="model folder holding plan.json")
+    p.add_argument(
+        "--mirror-axes",
+        type=int,
+        nargs="*",
+        choices=[0, 1, 2],
+        help="the axes (z=0, y=1, x=2) training mirrored, which version 1 did not record "
+        "(the training YAML's augmentation.mirror_axes); default: the axes inference mirrored",
+    )
+    p.set_defaults(run=_run_upgrade_plan)
+
+
+def _run_upgrade_plan(args: argparse.Namespace) -> int:
+    from pantherseg.plan_upgrade import upgrade_model_dir
+
+    path = upgrade_model_dir(args.model, args.mirror_axes)
+    print(f"{path}: upgraded to the current plan format; provenance moved to metadata.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pantherseg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pantherseg {__version__}")
@@ -234,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(subparsers)
     _add_evaluate(subparsers)
     _add_predict(subparsers)
+    _add_upgrade_plan(subparsers)
     return parser
 
 

@@ -39,6 +39,18 @@ def rotation(axis, degrees: float) -> tuple[float, ...]:
     return tuple(matrix.ravel())
 
 
+def phantom(shape=(12, 40, 44), seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy body at about 100 with a bright block that model_factory's threshold network finds;
+    the image and the block's mask."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100, 5, shape).astype(np.float32)
+    truth = np.zeros(shape, dtype=bool)
+    z, y, x = (max(1, s // 3) for s in shape)
+    truth[z : 2 * z, y : 2 * y, x : 2 * x] = True
+    image[truth] = 400
+    return image, truth
+
+
 def replace_label_value(path: Path, old: int, new: int) -> None:
     """Rewrites a label file with `old` voxels set to `new`, keeping its geometry: a broken
     ground truth for validation tests."""

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pantherseg.plan import (
+from pantherseg.inference.plan import (
     FoldWeights,
     Inference,
     Plan,

@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pantherseg import engines
-from pantherseg.engines import EngineError, OnnxEngine, select_providers
-from pantherseg.sliding_window import mirrored, sliding_window_predict
+from pantherseg.inference import engines
+from pantherseg.inference.engines import EngineError, OnnxEngine, select_providers
+from pantherseg.inference.sliding_window import mirrored, sliding_window_predict
 
 RNG = np.random.default_rng(1)
 WEIGHT = np.array([[1.5, -0.5], [0.25, 2.0], [-1.0, 0.0]], dtype=np.float32)  # K=3, C=2
@@ -78,7 +78,9 @@ def test_select_providers(monkeypatch) -> None:
     auto = select_providers("auto", everything)
     assert [p[0] if isinstance(p, tuple) else p for p in auto] == everything
     trt_options = auto[0][1]
-    assert trt_options["trt_fp16_enable"] is True
+    # Half precision only where the plan grants it (export checked the network's fp16 parity).
+    assert trt_options["trt_fp16_enable"] is False
+    assert select_providers("auto", everything, allow_fp16=True)[0][1]["trt_fp16_enable"] is True
     assert trt_options["trt_engine_cache_enable"] is True
     assert trt_options["trt_engine_cache_path"]
     assert select_providers("auto", [engines.CPU]) == [engines.CPU]

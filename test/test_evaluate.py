@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from imaging import write_image
 
-from pantherseg import evaluate, metrics
 from pantherseg.cli import main
+from pantherseg.scoring import evaluate, metrics
 
 SPACING_XYZ = (1.25, 1.25, 3.0)
 SHAPE_ZYX = (12, 40, 48)

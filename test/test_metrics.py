@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from reference_metrics import reference_scores
 from scipy import ndimage
 
-from pantherseg import metrics
+from pantherseg.scoring import metrics
 
 
 def random_blob(rng: np.random.Generator, shape: tuple[int, int, int], fill: float) -> np.ndarray:

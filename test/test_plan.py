@@ -7,7 +7,7 @@ import json
 import pytest
 from model_factory import threshold_model_dir
 
-from pantherseg.plan import PLAN_FILE, PlanError, load_plan, save_plan
+from pantherseg.inference.plan import PLAN_FILE, PlanError, load_plan, save_plan
 
 
 @pytest.fixture
@@ -29,6 +29,12 @@ def test_round_trip_keeps_every_setting(model_dir):
     assert plan.inference.patch_size_zyx == (8, 16, 16)
     assert [f.file for f in plan.inference.folds] == ["fold_0.onnx", "fold_1.onnx"]
     assert plan.postprocessing.min_component_mm3 == 50.0
+    # What version 2 added, at the defaults this model was saved with.
+    assert plan.preprocessing.patient_axes_zyx == (2, 1, 0)
+    assert plan.inference.gaussian_sigma_scale == 0.125 and plan.inference.precision == "float32"
+    assert plan.inference.mirror_axes == () and plan.inference.test_time_mirroring is False
+    assert plan.postprocessing.connectivity == 26
+    assert plan.postprocessing.pancreas_guidance.pancreas_threshold == 0.5
     save_plan(plan, model_dir)
     assert load_plan(model_dir) == plan
 
@@ -41,7 +47,19 @@ def test_integer_json_numbers_are_accepted(model_dir):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda d: d.update(version=2), "version 2 is not supported"),
+        (lambda d: d.update(version=3), "version 3 is not supported"),
+        (lambda d: d.update(version=1), "older pantherseg.*pantherseg upgrade-plan"),
+        (lambda d: d.update(training={"data": "/work/x"}), "unknown top-level field.*training"),
+        (lambda d: d["preprocessing"].update(patient_axes_zyx=[2, 2, 0]), "permutation"),
+        (lambda d: d["inference"].update(gaussian_sigma_scale=0), "gaussian_sigma_scale"),
+        (lambda d: d["inference"].update(test_time_mirroring=True), "mirror_axes"),
+        (lambda d: d["inference"].update(test_time_mirroring="yes"), "true or false"),
+        (lambda d: d["inference"].update(precision="int8"), "precision"),
+        (lambda d: d["postprocessing"].update(connectivity=8), "connectivity"),
+        (
+            lambda d: d["postprocessing"]["pancreas_guidance"].update(pancreas_threshold=1.0),
+            "pancreas_threshold",
+        ),
         (lambda d: d.update(format="nnunet"), "not a plan file"),
         (lambda d: d.update(task="task3"), "task must be one of"),
         (lambda d: d["preprocessing"].update(target_spacing_zyx=[1, 1]), "target_spacing_zyx"),

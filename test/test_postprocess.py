@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pantherseg.plan import PancreasGuidance, Postprocessing
-from pantherseg.postprocess import dilate_mm, postprocess
+from pantherseg.inference.plan import PancreasGuidance, Postprocessing
+from pantherseg.inference.postprocess import dilate_mm, postprocess
 
 SPACING = (3.0, 1.0, 1.0)
 
@@ -25,9 +25,11 @@ def test_threshold_and_minimum_size_in_mm3():
     assert mask.sum() == 404 and report.components_found == 2
     mask, report = postprocess(prob, SPACING, Postprocessing(min_component_mm3=13.0))
     assert mask.sum() == 400 and report.removed_small == 1
-    # The same component in voxels, but on a finer grid it is smaller in mm^3.
-    mask, _ = postprocess(prob, (1.0, 1.0, 1.0), Postprocessing(min_component_mm3=500.0))
-    assert mask.sum() == 0 or mask.sum() == 400  # never-empty may bring the large one back
+    # The same component in voxels, but on a finer grid it is smaller in mm^3: both go, and the
+    # never-empty rule (on by default) must bring back the one with the higher peak.
+    mask, report = postprocess(prob, (1.0, 1.0, 1.0), Postprocessing(min_component_mm3=500.0))
+    assert report.removed_small == 2 and "highest peak" in report.fallback
+    assert mask.sum() == 400 and mask[2:6, 5:15, 5:15].all()
     mask, _ = postprocess(
         prob, (1.0, 1.0, 1.0), Postprocessing(min_component_mm3=500.0, never_empty=False)
     )

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from imaging import IDENTITY
 
-from pantherseg.plan import Normalization, Preprocessing, Resampling
-from pantherseg.preprocess import (
+from pantherseg.inference.plan import Normalization, Preprocessing, Resampling
+from pantherseg.inference.preprocess import (
     nonzero_box,
     normalize,
     preprocess,
@@ -86,7 +87,7 @@ def test_restore_maps_back_onto_the_exact_input_grid(shape, spacing, target, pad
     inner = tuple(slice(p, p + n) for n, p in zip(shape, pad, strict=True))
     image[inner] = rng.uniform(10, 500, shape)
     settings_ = Preprocessing(target_spacing_zyx=target)
-    data, record = preprocess(image, spacing, settings_)
+    data, record = preprocess(image, spacing, settings_, direction_xyz=IDENTITY)
     assert data.shape == record.resampled_shape
     assert data.dtype == np.float32
     assert record.crop == inner
@@ -113,7 +114,7 @@ def test_labels_follow_the_image_grid():
     label[3:6, 5:25, 5:26] = 1
     label[6:8, 2:28, 2:28] = 2
     settings_ = Preprocessing(target_spacing_zyx=(3.0, 1.5, 1.5))
-    data, record = preprocess(image, (3.0, 1.0, 1.0), settings_)
+    data, record = preprocess(image, (3.0, 1.0, 1.0), settings_, direction_xyz=IDENTITY)
     resampled = preprocess_label(label, record)
     assert resampled.shape == data.shape
     assert set(np.unique(resampled).tolist()) == {0, 1, 2}
@@ -129,6 +130,7 @@ def test_restore_refuses_a_wrong_grid():
         np.ones((4, 8, 8), np.float32) + np.arange(8),
         (1, 1, 1),
         Preprocessing(target_spacing_zyx=(1, 1, 1)),
+        direction_xyz=IDENTITY,
     )
     with pytest.raises(ValueError, match="preprocessed grid"):
         restore(np.zeros((4, 8, 7), np.float32), record, Resampling())

@@ -4,6 +4,7 @@ failure with no output for every bad input."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,13 @@ import pytest
 import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from imaging import IDENTITY, make_image, rotation, write_image
+from imaging import IDENTITY, make_image, phantom, rotation, write_image
 from model_factory import threshold_model_dir
+from scipy.spatial.transform import Rotation
 
 import process
-from pantherseg.io import Geometry
-from pantherseg.plan import PLAN_FILE
+from pantherseg.inference.io import Geometry
+from pantherseg.inference.plan import PLAN_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SOCKET_DIR = Path("images") / "abdominal-t1-mri"
@@ -28,17 +30,6 @@ OUTPUT_DIR = Path("images") / "pancreatic-tumor-segmentation"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return threshold_model_dir(tmp_path_factory.mktemp("model"))
-
-
-def phantom(shape=(12, 40, 44), seed=0) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy body at about 100 with a bright block the threshold network will find."""
-    rng = np.random.default_rng(seed)
-    image = rng.normal(100, 5, shape).astype(np.float32)
-    truth = np.zeros(shape, dtype=bool)
-    z, y, x = (max(1, s // 3) for s in shape)
-    truth[z : 2 * z, y : 2 * y, x : 2 * x] = True
-    image[truth] = 400
-    return image, truth
 
 
 def job(tmp_path: Path, array: np.ndarray, name="case.mha", inputs_json=True, **geometry) -> Path:
@@ -90,6 +81,109 @@ def test_glob_fallback_without_inputs_json(tmp_path, model_dir):
     assert [p.name for p in outputs(tmp_path)] == ["case.mha"]
 
 
+def test_other_sockets_in_inputs_json_are_ignored(tmp_path, model_dir):
+    """A phase may pass more than the MRI: a JSON value socket and other images are listed in
+    inputs.json beside it, in any order; the MRI alone is segmented (its grid, not the other
+    image's 6 x 5 x 4, and its name)."""
+    image, _ = phantom()
+    root = job(tmp_path, image.astype(np.int16), name="mri-uuid.mha")
+    (mri_socket,) = json.loads((root / "inputs.json").read_text())
+    clinical = {"age": 63, "sex": "F", "ca19-9": 412.0}
+    (root / "clinical-information.json").write_text(json.dumps(clinical))
+    other = write_image(root / "images" / "pancreas-prior" / "prior-uuid.mha", np.ones((4, 5, 6)))
+    sockets = [
+        {
+            "interface": {
+                "slug": "clinical-information",
+                "kind": "Anything",
+                "super_kind": "Value",
+                "relative_path": "clinical-information.json",
+            },
+            "value": clinical,
+            "image": None,
+            "file": None,
+        },
+        {
+            "interface": {
+                "slug": "pancreas-prior",
+                "kind": "Segmentation",
+                "super_kind": "Image",
+                "relative_path": str(other.parent.relative_to(root)),
+            },
+            "image": {"name": other.name},
+            "value": None,
+        },
+        mri_socket,
+    ]
+    (root / "inputs.json").write_text(json.dumps(sockets))
+    assert run(tmp_path, root, model_dir) == 0
+    assert outputs(tmp_path) == [tmp_path / "output" / OUTPUT_DIR / "mri-uuid.mha"]
+    mask_image = sitk.ReadImage(str(outputs(tmp_path)[0]))
+    assert Geometry.of(mask_image) == Geometry.of(
+        sitk.ReadImage(str(root / SOCKET_DIR / "mri-uuid.mha"))
+    )
+
+
+@pytest.mark.parametrize(
+    "interface",
+    [{"slug": "operator-notes"}, {"kind": "String"}, {}],
+    ids=["slug only", "no slug", "empty"],
+)
+def test_sockets_with_sparse_interfaces_are_skipped(tmp_path, model_dir, interface):
+    """Only an MRI socket needs a relative path; another socket's interface may lack any field
+    this code does not use without failing the job."""
+    image, _ = phantom()
+    root = job(tmp_path, image)
+    sockets = json.loads((root / "inputs.json").read_text())
+    sockets.insert(0, {"interface": interface, "value": "free text"})
+    (root / "inputs.json").write_text(json.dumps(sockets))
+    assert run(tmp_path, root, model_dir) == 0
+    assert [p.name for p in outputs(tmp_path)] == ["case.mha"]
+
+
+@pytest.fixture
+def model_places(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """The image's baked model (one fold) and grand-challenge's /opt/ml/model, both in tmp_path;
+    the upload folder starts absent."""
+    baked = threshold_model_dir(tmp_path / "app" / "model")
+    uploaded = tmp_path / "opt" / "ml" / "model"
+    monkeypatch.setattr(process, "BAKED_MODEL", baked)
+    monkeypatch.setattr(process, "GRAND_CHALLENGE_MODEL", uploaded)
+    return baked, uploaded
+
+
+def model_used_by_default(tmp_path: Path, caplog) -> str:
+    """Runs process.py as the container does (no --model); the model part of its log line."""
+    caplog.set_level(logging.INFO, logger="pantherseg")
+    image, _ = phantom()
+    args = ["--input", str(job(tmp_path, image)), "--output", str(tmp_path / "output")]
+    assert process.main([*args, "--device", "cpu"]) == 0
+    assert [p.name for p in outputs(tmp_path)] == ["case.mha"]
+    (line,) = [m for m in caplog.messages if "; model: " in m]
+    return line.split("; model: ", 1)[1]
+
+
+def test_uploaded_model_takes_precedence_over_the_baked_one(tmp_path, model_places, caplog):
+    """grand-challenge extracts an uploaded model tarball to /opt/ml/model: a user who uploads
+    new weights must get them, not the ones baked into the image."""
+    _, uploaded = model_places
+    threshold_model_dir(uploaded, n_folds=2)
+    assert model_used_by_default(tmp_path, caplog).startswith(f"2 fold(s) from {uploaded} ")
+
+
+@pytest.mark.parametrize("upload", ["absent", "empty", "weights without a plan"])
+def test_baked_model_without_a_plan_in_opt_ml_model(tmp_path, model_places, caplog, upload):
+    """No plan at /opt/ml/model (no upload, or nothing usable in it): the baked model runs."""
+    baked, uploaded = model_places
+    if upload != "absent":
+        uploaded.mkdir(parents=True)
+    if upload == "weights without a plan":
+        threshold_model_dir(tmp_path / "elsewhere", n_folds=2)
+        for item in (tmp_path / "elsewhere").glob("*.onnx"):
+            (uploaded / item.name).write_bytes(item.read_bytes())
+    assert model_used_by_default(tmp_path, caplog).startswith(f"1 fold(s) from {baked} ")
+
+
 directions = st.sampled_from(
     [
         IDENTITY,
@@ -97,7 +191,16 @@ directions = st.sampled_from(
         (1.0, 0, 0, 0, 1.0, 0, 0, 0, -1.0),
         rotation((1, 1, 0), 23.0),
         rotation((0.2, -1, 0.5), -17.0),
+        # Slices along array x (or y): the same anatomy stored in another array axis order,
+        # which preprocessing transposes into the plan's order and back.
+        (0, 0, 1.0, 0, 1.0, 0, 1.0, 0, 0),
+        (1.0, 0, 0, 0, 0, -1.0, 0, 1.0, 0),
     ]
+)
+# Spacings (x, y, z): thick slices along z, or tied coarsest axes with no single thick axis.
+spacings = st.one_of(
+    st.tuples(st.floats(0.6, 1.4), st.floats(0.6, 1.4), st.floats(2.0, 4.0)),
+    st.sampled_from([(2.0, 2.0, 0.5), (0.5, 2.0, 2.0), (2.0, 0.5, 2.0), (1.0, 1.0, 1.0)]),
 )
 
 
@@ -106,7 +209,7 @@ directions = st.sampled_from(
 )
 @given(
     shape=st.tuples(st.integers(3, 14), st.integers(5, 45), st.integers(5, 45)),
-    spacing=st.tuples(st.floats(0.6, 1.4), st.floats(0.6, 1.4), st.floats(2.0, 4.0)),
+    spacing=spacings,
     origin=st.tuples(*[st.floats(-300, 300)] * 3),
     direction=directions,
     dtype=st.sampled_from([np.int16, np.uint16, np.float32, np.float64, np.int32]),
@@ -115,7 +218,7 @@ def test_geometry_survives_any_grid(
     tmp_path_factory, model_dir, shape, spacing, origin, direction, dtype
 ):
     tmp_path = tmp_path_factory.mktemp("job")
-    image, _ = phantom(shape)
+    image, truth = phantom(shape)
     input_dir = job(
         tmp_path, image.astype(dtype), spacing_xyz=spacing, origin=origin, direction=direction
     )
@@ -124,7 +227,13 @@ def test_geometry_survives_any_grid(
     mask_image = sitk.ReadImage(str(written))
     source = sitk.ReadImage(str(input_dir / SOCKET_DIR / "case.mha"))
     assert Geometry.of(mask_image) == Geometry.of(source)
-    assert sitk.GetArrayFromImage(mask_image).any()  # never empty
+    mask = sitk.GetArrayFromImage(mask_image).astype(bool)
+    assert mask.any()  # never empty
+    # On the bright block, whatever the axis order, wherever the block spans at least two voxels
+    # of the coarsest target spacing (3 mm) on every axis: a smaller one cannot survive resampling.
+    block_mm = [n // 3 * s for n, s in zip(shape, reversed(spacing), strict=True)]
+    if min(block_mm) >= 6.0:
+        assert (mask & truth).sum() >= 0.5 * mask.sum()
 
 
 def write_raw(path: Path, data: bytes) -> None:
@@ -255,10 +364,22 @@ def test_command_line_exit_status(tmp_path, model_dir):
     assert not (tmp_path / "out").exists()
 
 
-def test_make_image_helper_round_trips_geometry():
-    image = make_image(np.zeros((2, 3, 4), np.uint8), direction=rotation((0, 0, 1), 30))
-    assert np.allclose(
-        np.asarray(image.GetDirection()).reshape(3, 3)
-        @ np.asarray(image.GetDirection()).reshape(3, 3).T,
-        np.eye(3),
+@pytest.mark.parametrize(("axis", "degrees"), [((0, 0, 1), 30.0), ((0.2, -1, 0.5), -17.0)])
+def test_image_helpers_round_trip_the_rotation_they_are_given(tmp_path, axis, degrees):
+    """The geometry tests above are only as good as the oblique grids the helpers build: the
+    direction read back from the file must be the rotation asked for, not merely orthonormal."""
+    unit = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    expected = Rotation.from_rotvec(np.radians(degrees) * unit).as_matrix()
+    assert not np.allclose(expected, expected.T)  # a transposed matrix would be caught
+    geometry = {"spacing_xyz": (0.7, 1.1, 3.5), "origin": (-12.5, 40.0, 7.25)}
+    path = write_image(
+        tmp_path / "oblique.mha",
+        np.zeros((2, 3, 4), np.uint8),
+        direction=rotation(axis, degrees),
+        **geometry,
     )
+    image = sitk.ReadImage(str(path))
+    assert np.allclose(np.reshape(image.GetDirection(), (3, 3)), expected, rtol=0, atol=1e-12)
+    assert image.GetSize() == (4, 3, 2)
+    assert np.allclose(image.GetSpacing(), geometry["spacing_xyz"], rtol=0, atol=1e-12)
+    assert np.allclose(image.GetOrigin(), geometry["origin"], rtol=0, atol=1e-12)

@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 
 import process
-from pantherseg.engines import OnnxEngine
-from pantherseg.plan import fold_paths, load_plan
+from pantherseg.inference.engines import OnnxEngine
+from pantherseg.inference.plan import fold_paths, load_plan
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "model"
@@ -55,7 +55,12 @@ def test_model_loads_fits_the_budget_and_says_what_it_is():
     metadata = json.loads((MODEL / "metadata.json").read_text())
     assert metadata["data"]["synthetic"] is True
     assert "Held-out phantoms" in metadata["evaluations"]
-    assert "cross_validation" in plan.training
+    assert "cross_validation" in metadata and "planning" in metadata
+    # The plan is the inference contract alone: no provenance, no path of the training machine.
+    text = (MODEL / "plan.json").read_text()
+    assert "training" not in json.loads(text) and "/work" not in text
+    assert "/work/" not in (MODEL / "metadata.json").read_text()
+    assert plan.inference.mirror_axes == (0, 1, 2)  # what training flipped (the demo recipe)
 
 
 def test_every_fold_runs_a_tile():

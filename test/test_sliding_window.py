@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pantherseg.sliding_window import (
+from pantherseg.inference.sliding_window import (
     averaged,
     gaussian_importance_map,
     mirrored,

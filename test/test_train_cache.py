@@ -15,9 +15,9 @@ import SimpleITK as sitk
 from imaging import replace_label_value
 
 import training.cache as cache_module
-from pantherseg.io import check_inference_image, read_image
-from pantherseg.preprocess import preprocess, preprocess_label
-from pantherseg.synthetic import write_dataset
+from pantherseg.inference.io import check_inference_image, read_image
+from pantherseg.inference.preprocess import preprocess, preprocess_label
+from pantherseg.phantoms.synthetic import write_dataset
 from training.cache import (
     CacheError,
     load_cache_index,
@@ -66,7 +66,8 @@ def inference_input(path: Path, plan):
     """What pantherseg's inference feeds the network for this file."""
     image = read_image(path)
     array = check_inference_image(image, path)
-    return preprocess(array, tuple(reversed(image.GetSpacing())), plan.preprocessing)
+    spacing = tuple(reversed(image.GetSpacing()))
+    return preprocess(array, spacing, plan.preprocessing, direction_xyz=image.GetDirection())
 
 
 def test_cached_image_equals_what_inference_computes(dataset, plan, built):

@@ -13,8 +13,8 @@ import torch
 from imaging import replace_label_value
 from training_fixtures import UNLABELLED_DIR, tiny_setup, write_config  # noqa: F401
 
-from pantherseg.io import Geometry
-from pantherseg.plan import load_plan
+from pantherseg.inference.io import Geometry
+from pantherseg.inference.plan import load_plan
 from training.__main__ import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -23,6 +23,7 @@ WORK_FILES = [
     "config.yaml",
     "dataset.json",
     "fingerprint.json",
+    "planning.json",
     "plan.json",
     "cache/cache.json",
     "splits.json",
@@ -44,13 +45,24 @@ def check_trained(work, model, n_cases):
     for name in WORK_FILES:
         assert (work / name).is_file(), name
     assert len(list((work / "out_of_fold").glob("*.npz"))) == n_cases
+    assert len(list((work / "out_of_fold_mirrored").glob("*.npz"))) == n_cases
     for name in MODEL_FILES:
         assert (model / name).is_file(), name
     cv = json.loads((work / "cross_validation.json").read_text())
     exported = load_plan(model)  # with the sha256 of both folds
-    assert exported.training["cross_validation"]["selected"] == cv["selected"]
+    metadata = json.loads((model / "metadata.json").read_text())
+    assert metadata["cross_validation"]["selected"] == cv["selected"]
     assert exported.postprocessing.threshold == 0.5  # the only threshold tried
-    assert exported.training["data"]["synthetic"] is True
+    assert exported.inference.test_time_mirroring is cv["test_time_mirroring"]
+    # Both with and without mirroring were scored; the winner's name says which it chose.
+    assert {"t0.5_min0", "mirrored_t0.5_min0"} <= set(cv["variants"])
+    assert cv["test_time_mirroring"] is cv["selected"].startswith("mirrored_")
+    assert exported.inference.mirror_axes == (2,)
+    assert metadata["data"]["synthetic"] is True
+    assert metadata["planning"]["fingerprint_cases"] == n_cases
+    for shipped in MODEL_FILES:  # nothing of the training machine's folders ships
+        if shipped.endswith((".json", ".md")):
+            assert str(work.parent) not in (model / shipped).read_text(), shipped
 
 
 def test_plan_preprocess_cv_export(tiny, tmp_path, capsys):

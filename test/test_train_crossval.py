@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pantherseg.plan import Inference, Plan, Preprocessing
+from pantherseg.inference.plan import Inference, Plan, Preprocessing
 from training.config import TrainingConfig
 from training.crossval import (
     SplitError,
@@ -149,8 +150,73 @@ def test_selection_finds_the_known_best_variant(tmp_path, jobs):
     assert table["t0.5_min100"]["dice"] < 1.0  # the shell
     assert table["t0.7_min100_allow-empty"]["dice"] == 0.0  # nothing left
     assert table["t0.7_min100"]["dice"] > 0.0  # the never-empty rule kept something
+    assert table["t0.7_min100"]["n_never_empty_fallbacks"] == 3
+    assert best["n_never_empty_fallbacks"] == 0
+
+
+def test_never_empty_fallbacks_are_counted_per_variant_and_logged_once(tmp_path, caplog):
+    """Four cases, two of them with every probability below 0.5 (the known case at half
+    strength, peak 0.325): the never-empty rule supplies the mask of those two at threshold 0.5,
+    of all four at 0.7, and never where empty masks are allowed. One log line says so, for the
+    selected variant, however many cases fell back."""
+    rng = np.random.default_rng(3)
+    cases, files = {}, []
+    for i in range(4):
+        case, oof = write_known_case(tmp_path, f"c{i}", rng)
+        if i % 2:
+            with np.load(oof) as data:
+                faint = data["tumor"] * 0.5
+            np.savez_compressed(oof, tumor=faint)
+        cases[case.case_id] = case
+        files.append(oof)
+    caplog.set_level(logging.DEBUG)
+    name, _, table = select_postprocessing(
+        config_with([0.5, 0.7], [0.0]), make_plan(), files, cases, progress=False
+    )
+    counts = {variant: row["n_never_empty_fallbacks"] for variant, row in table.items()}
+    assert counts == {
+        "t0.5_min0": 2,
+        "t0.5_min0_allow-empty": 0,
+        "t0.7_min0": 4,
+        "t0.7_min0_allow-empty": 0,
+    }
+    mentions = [r.getMessage() for r in caplog.records if "empty" in r.getMessage()]
+    assert len(mentions) == 1, mentions
+    assert name in mentions[0] and f"on {counts[name]} of 4 cases" in mentions[0]
 
 
 def test_selection_without_predictions_is_an_error():
     with pytest.raises(ValueError, match="no out-of-fold predictions"):
         select_postprocessing(config_with([0.5], [0.0]), make_plan(), [], {}, progress=False)
+
+
+def test_mirroring_is_chosen_only_where_it_pays(tmp_path):
+    """The same cases predicted twice: one set exactly the known case, the other blurred (the
+    shell raised to the tumor's 0.65, as a worse predictor would). Whichever set is the better
+    one wins, under its own name, so the choice of test-time mirroring follows the scores."""
+    rng = np.random.default_rng(11)
+    cases, exact, blurred = {}, [], []
+    (tmp_path / "blurred").mkdir()
+    for i in range(3):
+        case, oof = write_known_case(tmp_path, f"c{i}", rng)
+        cases[case.case_id] = case
+        exact.append(oof)
+        with np.load(oof) as data:
+            worse = np.where(data["tumor"] > 0.5, np.float16(0.65), data["tumor"])
+        blurred.append(tmp_path / "blurred" / oof.name)
+        np.savez_compressed(blurred[-1], tumor=worse)
+    config = config_with([0.6], [100.0])
+    name, _, table = select_postprocessing(
+        config, make_plan(), blurred, cases, progress=False, mirrored_files=exact
+    )
+    assert name == "mirrored_t0.6_min100"  # the mirrored set is the exact one here
+    assert set(table) == {
+        f"{p}t0.6_min100{s}" for p in ("", "mirrored_") for s in ("", "_allow-empty")
+    }
+    assert table["mirrored_t0.6_min100"]["dice"] > table["t0.6_min100"]["dice"]
+    name, _, _ = select_postprocessing(
+        config, make_plan(), exact, cases, progress=False, mirrored_files=blurred
+    )
+    assert name == "t0.6_min100"
+    with pytest.raises(ValueError, match="same cases"):
+        select_postprocessing(config, make_plan(), exact, cases, mirrored_files=blurred[:2])

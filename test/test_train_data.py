@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 from imaging import write_image
 
-from pantherseg.preprocess import nonzero_box
-from pantherseg.synthetic import write_dataset
+from pantherseg.inference.preprocess import nonzero_box
+from pantherseg.phantoms.synthetic import write_dataset
 from training.data import (
     Case,
     DatasetError,

@@ -4,7 +4,6 @@ through the same pantherseg path as the container."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -13,9 +12,9 @@ import torch
 from training_fixtures import tiny_config, tiny_setup  # noqa: F401  (the `tiny` fixture)
 
 import training.export as export_module
-from pantherseg.io import check_inference_image, read_image
-from pantherseg.pipeline import Segmenter
-from pantherseg.plan import PLAN_FILE, PlanError, load_plan, sha256_of
+from pantherseg.inference.io import check_inference_image, read_image
+from pantherseg.inference.pipeline import Segmenter
+from pantherseg.inference.plan import PLAN_FILE, PlanError, load_plan, sha256_of
 from training.export import ExportError, export_model
 from training.networks import build_network
 
@@ -67,11 +66,16 @@ def test_parity_for_both_networks(tiny, tmp_path, name):
     model = tmp_path / "model"
     exported = export_model(folds, config, tiny.plan, model, real_patches=real_patches(tiny))
     assert [f.file for f in exported.inference.folds] == ["fold_0.onnx", "fold_1.onnx"]
-    recorded = exported.training["export"]
+    recorded = json.loads((model / "metadata.json").read_text())["export"]
     absolute, relative = recorded["max_abs_difference"], recorded["max_relative_difference"]
     assert set(absolute) == set(relative) == {"fold_0.onnx", "fold_1.onnx"}
     assert all(0 <= relative[f] <= min(absolute[f], config.export.tolerance) for f in relative)
-    assert exported.training["export"]["opset"] == config.export.opset
+    assert recorded["opset"] == config.export.opset
+    # Half precision is allowed on a GPU only when every fold's float16 logits were checked.
+    half = recorded["float16_max_relative_difference"]
+    assert set(half) == set(relative) and all(v > 0 for v in half.values())
+    allowed = all(v <= config.export.fp16_tolerance for v in half.values())
+    assert exported.inference.precision == ("float16" if allowed else "float32")
     # The exported graph is the eval-mode network: one output of the plan's patch, any batch.
     import onnx
 
@@ -117,22 +121,26 @@ def test_a_tolerance_of_zero_fails_cleanly(tiny, tmp_path):
 
 
 def test_plan_card_and_the_exported_model_segment_a_phantom(tiny, tmp_path):
-    plan = dataclasses.replace(tiny.plan, training={**tiny.plan.training, "cross_validation": CV})
+    plan = tiny.plan
     fold = checkpoint(tmp_path, tiny.config, plan, 0)
     model = tmp_path / "model"
-    export_model([fold], tiny.config, plan, model, provenance={"note": "test"})
+    provenance = {"cross_validation": CV, "data": {"root": "/work/data/train", "cases": 4}}
+    export_model([fold], tiny.config, plan, model, provenance=provenance)
 
     loaded = load_plan(model)  # verifies every fold's sha256
     assert loaded.inference.folds[0].sha256 == sha256_of(model / "fold_0.onnx")
-    assert loaded.training["cross_validation"] == CV and loaded.training["note"] == "test"
     assert loaded.preprocessing == tiny.plan.preprocessing
+    assert "training" not in json.loads((model / PLAN_FILE).read_text())  # the plan: inference only
     with (model / "fold_0.onnx").open("ab") as handle:
         handle.write(b"\0")
     with pytest.raises(PlanError, match="sha256"):
         load_plan(model)
-    export_model([fold], tiny.config, plan, model)  # exporting again repairs it
+    export_model(
+        [fold], tiny.config, plan, model, provenance=provenance
+    )  # exporting again repairs it
 
     metadata = json.loads((model / "metadata.json").read_text())
+    assert metadata["data"]["root"] == "train"  # no path of the training machine ships
     assert metadata["cross_validation"]["aggregates"]["dice"] == 0.7123
     assert metadata["folds"] == ["fold_0.onnx"] and metadata["task"] == "task1"
     assert metadata["network"]["name"] == tiny.config.network.name
@@ -147,6 +155,6 @@ def test_plan_card_and_the_exported_model_segment_a_phantom(tiny, tmp_path):
     path = tiny.dataset.labelled[0].image
     image = read_image(path)
     array = check_inference_image(image, path)
-    result = segmenter.segment(array, tuple(reversed(image.GetSpacing())))
+    result = segmenter.segment(array, tuple(reversed(image.GetSpacing())), image.GetDirection())
     assert result.mask.shape == array.shape and result.mask.dtype == np.uint8
     assert set(np.unique(result.mask).tolist()) <= {0, 1}

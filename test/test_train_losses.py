@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from pantherseg.plan import Inference, Plan, Preprocessing
+from pantherseg.inference.plan import Inference, Plan, Preprocessing
 from training.config import LossConfig
 from training.losses import (
     DeepSupervisedLoss,

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from pantherseg.cli import main as pantherseg_main
-from pantherseg.synthetic import write_dataset
+from pantherseg.phantoms.synthetic import write_dataset
 from training.__main__ import main as training_main
 
 CARD = """# pantherseg model card

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pantherseg.plan import Inference, Plan, Preprocessing
+from pantherseg.inference.plan import Inference, Plan, Preprocessing
 from training.config import NetworkConfig
 from training.networks import (
     NETWORKS,

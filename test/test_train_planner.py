@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pantherseg.plan import load_plan, save_plan
+from pantherseg.inference.plan import load_plan, save_plan
 from training.config import ConfigError, TrainingConfig
 from training.data import Fingerprint
 from training.planner import (
@@ -20,6 +20,7 @@ from training.planner import (
     divisors,
     estimate_training_memory_gb,
     plan_from_fingerprint,
+    plan_with_facts,
     pooling_per_axis,
     target_spacing,
 )
@@ -60,26 +61,26 @@ def memory_of(plan, cfg: TrainingConfig) -> float:
 def test_real_target_spacing_is_the_median(real):
     median = tuple(np.median(np.asarray(real.spacings_zyx), axis=0))
     assert median == NNUNET_SPACING
-    plan = plan_from_fingerprint(real, config(), "task1")
+    plan, facts = plan_with_facts(real, config(), "task1")
     assert plan.preprocessing.target_spacing_zyx == NNUNET_SPACING
-    assert plan.training["median_spacing_zyx"] == list(NNUNET_SPACING)
-    assert plan.training["fingerprint_cases"] == 92
+    assert facts["median_spacing_zyx"] == list(NNUNET_SPACING)
+    assert facts["fingerprint_cases"] == 92
 
 
 def test_real_patch_at_16_gb_is_sensible(real):
     cfg = config(16.0)
-    plan = plan_from_fingerprint(real, cfg, "task1")
+    plan, facts = plan_with_facts(real, cfg, "task1")
     patch = plan.inference.patch_size_zyx
     for ours, theirs in zip(patch, NNUNET_PATCH, strict=True):
         assert theirs / 2 <= ours <= theirs * 2
     assert memory_of(plan, cfg) <= 16.0
-    assert plan.training["estimated_memory_gb"] == pytest.approx(memory_of(plan, cfg), abs=1e-3)
+    assert facts["estimated_memory_gb"] == pytest.approx(memory_of(plan, cfg), abs=1e-3)
     strides = pooling_per_axis(patch, NNUNET_SPACING)
-    assert plan.training["pooling_per_axis"] == [list(s) for s in strides]
+    assert facts["pooling_per_axis"] == [list(s) for s in strides]
     div = divisors(strides)
     assert all(p % d == 0 for p, d in zip(patch, div, strict=True))
     # never larger than the median case, rounded up to the divisibility
-    median = plan.training["median_shape_zyx"]
+    median = facts["median_shape_zyx"]
     assert median == [72, 258, 318]
     assert all(p <= math.ceil(m / d) * d for p, m, d in zip(patch, median, div, strict=True))
     assert all(min(s) >= 4 for s in _bottom(patch, strides))
@@ -142,11 +143,25 @@ def test_memory_estimate_behaves():
         estimate_training_memory_gb(NNUNET_PATCH, (3, 5, 5), 32, 320, 2)
 
 
-def test_plan_is_deterministic(real):
+def test_plan_does_not_depend_on_the_order_of_the_cases(real):
+    """A fingerprint lists its cases in whatever order discovery gave them: the plan must come
+    from the statistics alone, so the same cases listed otherwise give the same plan file."""
+    n = len(real.case_ids)
+    order = sorted(range(n), key=lambda i: (real.spacings_zyx[i], real.shapes_after_crop_zyx[i]))
+    reordered = Fingerprint(
+        case_ids=[real.case_ids[i] for i in reversed(order)],
+        spacings_zyx=[real.spacings_zyx[i] for i in reversed(order)],
+        shapes_after_crop_zyx=[real.shapes_after_crop_zyx[i] for i in reversed(order)],
+        foreground_intensity=dict(reversed(real.foreground_intensity.items())),
+    )
+    # Both ends move: a planner that read the first or last case would see other values.
+    assert reordered.spacings_zyx[0] != real.spacings_zyx[0]
+    assert reordered.spacings_zyx[-1] != real.spacings_zyx[-1]
+    assert reordered.shapes_after_crop_zyx != real.shapes_after_crop_zyx
     first = plan_from_fingerprint(real, config(), "task1")
-    second = plan_from_fingerprint(real, config(), "task1")
-    assert first == second
-    assert json.dumps(first.to_json()) == json.dumps(second.to_json())
+    second = plan_from_fingerprint(reordered, config(), "task1")
+    assert second == first
+    assert json.dumps(second.to_json()) == json.dumps(first.to_json())
 
 
 def test_overrides(real):
@@ -222,9 +237,9 @@ def test_plan_saves_and_loads_without_folds(real, tmp_path):
 def test_depth_limits_the_pooling(real):
     cfg = config()
     cfg.network.depth = 4
-    plan = plan_from_fingerprint(real, cfg, "task1")
-    assert len(plan.training["pooling_per_axis"]) == 3
-    assert len(plan.training["conv_kernel_sizes"]) == 4
+    _, facts = plan_with_facts(real, cfg, "task1")
+    assert len(facts["pooling_per_axis"]) == 3
+    assert len(facts["conv_kernel_sizes"]) == 4
 
 
 @settings(max_examples=25, deadline=None)
@@ -237,13 +252,51 @@ def test_depth_limits_the_pooling(real):
 def test_any_plan_is_valid_and_fits(z, inplane, shape, budget):
     fp = _made_up([(z, inplane, inplane), (z * 1.05, inplane * 0.95, inplane)], shape)
     cfg = config(budget)
-    plan = plan_from_fingerprint(fp, cfg, "task1")
+    plan, facts = plan_with_facts(fp, cfg, "task1")
     patch = plan.inference.patch_size_zyx
     strides = pooling_per_axis(patch, plan.preprocessing.target_spacing_zyx)
     div = divisors(strides)
     assert all(p % d == 0 for p, d in zip(patch, div, strict=True))
     assert memory_of(plan, cfg) <= budget
-    median = plan.training["median_shape_zyx"]
+    median = facts["median_shape_zyx"]
     assert all(
         p <= max(8, math.ceil(m / d) * d) for p, m, d in zip(patch, median, div, strict=True)
     )
+
+
+def test_cases_stored_in_another_axis_order_are_planned_in_the_common_one():
+    """A sagittally stored case (array axes along x, y, z) counts with its thick slices on the
+    plan's slice axis, as preprocessing will transpose it; the plan takes the common order."""
+    axial = [(3.0, 1.0, 1.0)] * 2
+    stored_x_first = (1.0, 1.0, 3.0)  # the same physical grid, array axes reversed
+    fp = Fingerprint(
+        case_ids=["a", "b", "c"],
+        spacings_zyx=[*axial, stored_x_first],
+        shapes_after_crop_zyx=[(40, 200, 220), (40, 200, 220), (220, 200, 40)],
+        foreground_intensity={},
+        patient_axes_zyx=[(2, 1, 0), (2, 1, 0), (0, 1, 2)],
+    )
+    plan, facts = plan_with_facts(fp, config(), "task1")
+    assert plan.preprocessing.patient_axes_zyx == (2, 1, 0)
+    assert plan.preprocessing.target_spacing_zyx == (3.0, 1.0, 1.0)
+    assert facts["median_shape_zyx"] == [40, 200, 220]
+    # Mostly x-first: the plan keeps that order (those cases are not transposed at all).
+    flipped = Fingerprint(
+        case_ids=fp.case_ids,
+        spacings_zyx=[stored_x_first, stored_x_first, (3.0, 1.0, 1.0)],
+        shapes_after_crop_zyx=[(220, 200, 40)] * 2 + [(40, 200, 220)],
+        foreground_intensity={},
+        patient_axes_zyx=[(0, 1, 2), (0, 1, 2), (2, 1, 0)],
+    )
+    plan = plan_from_fingerprint(flipped, config(), "task1")
+    assert plan.preprocessing.patient_axes_zyx == (0, 1, 2)
+    assert plan.preprocessing.target_spacing_zyx == (1.0, 1.0, 3.0)
+
+
+def test_fingerprint_axis_orders_round_trip_and_default_to_axial():
+    fp = _made_up([(3.0, 1.0, 1.0)])
+    assert fp.patient_axes_zyx == [(2, 1, 0)]  # nnU-Net's fingerprint records no directions
+    again = Fingerprint.from_json(json.loads(json.dumps(fp.to_json())))
+    assert again == fp
+    with pytest.raises(ValueError, match="permutation"):
+        Fingerprint(["a"], [(1, 1, 1)], [(4, 4, 4)], {}, patient_axes_zyx=[(0, 0, 1)])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pantherseg.plan import Inference, Plan, Preprocessing
+from pantherseg.inference.plan import Inference, Plan, Preprocessing
 from training.config import AugmentationConfig, TrainingConfig
 from training.transforms import (
     INDICES_KEY,

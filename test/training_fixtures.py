@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pantherseg.plan import Plan
-from pantherseg.synthetic import write_dataset
+from pantherseg.inference.plan import Plan
+from pantherseg.phantoms.synthetic import write_dataset
 from training.cache import CachedCase, preprocess_dataset
 from training.config import TrainingConfig, load_config
 from training.data import Dataset, discover, fingerprint
@@ -36,7 +36,8 @@ TINY = {
         "patch_size_zyx": [16, 32, 32],
     },
     "sampling": {"batch_size": 2, "workers": 0},
-    "augmentation": {"probability": 0.2},
+    # One mirrored axis: cross-validation measures test-time mirroring at twice the passes.
+    "augmentation": {"probability": 0.2, "mirror_axes": [2]},
     "network": {"base_features": 4, "max_features": 8, "depth": 3},
     "optim": {"epochs": 1, "iterations_per_epoch": 2, "amp": False},
     "validation": {"batch_size": 2, "tile_step": 0.5},

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -43,9 +44,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pantherseg.io import atomic_write_text
-from pantherseg.plan import PLAN_FILE, Plan, load_plan, save_plan
+from pantherseg.inference.files import atomic_write_text
+from pantherseg.inference.plan import PLAN_FILE, Plan, load_plan, save_plan
 from training.config import ConfigError, TrainingConfig, load_config
+from training.records import MIRRORED_PREFIX, CrossValidation, Planning, RecordError
 
 log = logging.getLogger("pantherseg.training")
 
@@ -54,7 +56,7 @@ DATASET_FILE = "dataset.json"
 FINGERPRINT_FILE = "fingerprint.json"
 CACHE_DIR = "cache"
 OOF_DIR = "out_of_fold"
-CV_SUMMARY = "cross_validation.json"
+OOF_MIRRORED_DIR = "out_of_fold_mirrored"
 FOLD_RESULT = "result.json"
 SYNTHETIC_MARKER = "phantoms.json"  # written by `pantherseg synth`
 
@@ -148,7 +150,7 @@ def _extra_labelled(folders: list[Path], dataset, labels: str, jobs: int) -> lis
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from training.data import discover, fingerprint, validate
-    from training.planner import plan_from_fingerprint
+    from training.planner import plan_with_facts
 
     config = load_config(args.config)
     dataset = discover(args.data, task=args.task)
@@ -165,9 +167,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     folders = list(getattr(args, "extra_labelled", None) or [])
     extra = _extra_labelled(folders, dataset, config.data.labels, config.data.jobs)
     fp = fingerprint(dataset, jobs=config.data.jobs)  # the annotated cases alone
-    plan = plan_from_fingerprint(fp, config, dataset.task)
+    plan, figures = plan_with_facts(fp, config, dataset.task)
     data = {
-        "root": str(dataset.root),
+        "root": dataset.root.name,  # provenance for the model card: no path of this machine
         "layout": dataset.layout,
         "cases": len(dataset.labelled),
         "synthetic": (dataset.root / SYNTHETIC_MARKER).is_file(),
@@ -181,7 +183,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     }
     if extra:
         data["extra_labelled_cases"] = sum(len(e["cases"]) for e in extra)
-    plan = dataclasses.replace(plan, training={**plan.training, "data": data})
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -199,6 +200,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
         + "\n",
     )
+    Planning(figures=figures, data=data).save(work)
     save_plan(plan, work)
     print(
         f"plan: spacing {plan.preprocessing.target_spacing_zyx} mm, patch "
@@ -338,8 +340,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
         _train_one(work, fold, config, plan, args.device, args.resume, args.init)
         if _is_main_process():
             # Out-of-fold predictions of an earlier model of this fold are stale now.
-            for case_id in split["val"]:
-                (work / OOF_DIR / f"{case_id}.npz").unlink(missing_ok=True)
+            for case_id, folder in itertools.product(split["val"], (OOF_DIR, OOF_MIRRORED_DIR)):
+                (work / folder / f"{case_id}.npz").unlink(missing_ok=True)
     if not _is_main_process():
         return 0  # out-of-fold prediction and selection are rank 0's
     networks = [load_network(path, config, plan) for path in _fold_checkpoints(work, len(splits))]
@@ -349,18 +351,38 @@ def cmd_cv(args: argparse.Namespace) -> int:
     oof = predict_out_of_fold(
         plan, networks, splits, cases, work / OOF_DIR, device, amp=config.optim.amp
     )
-    name, settings, table = select_postprocessing(config, plan, oof, cases, jobs=config.data.jobs)
-    cv = {"selected": name, "aggregates": table[name], "folds": len(splits), "variants": table}
-    plan = dataclasses.replace(
-        plan, postprocessing=settings, training={**plan.training, "cross_validation": cv}
+    oof_mirrored = []
+    if config.cv.measure_mirroring and plan.inference.mirror_axes:
+        oof_mirrored = predict_out_of_fold(
+            plan,
+            networks,
+            splits,
+            cases,
+            work / OOF_MIRRORED_DIR,
+            device,
+            amp=config.optim.amp,
+            mirroring="on",
+        )
+    name, settings, table = select_postprocessing(
+        config, plan, oof, cases, jobs=config.data.jobs, mirrored_files=oof_mirrored
     )
-    save_plan(plan, work)
-    atomic_write_text(work / CV_SUMMARY, json.dumps(cv, indent=1) + "\n")
+    mirrored = name.startswith(MIRRORED_PREFIX)
+    cv = CrossValidation(
+        folds=len(splits),
+        selected=name,
+        test_time_mirroring=mirrored,
+        aggregates=table[name],
+        variants=table,
+    )
+    inference = dataclasses.replace(plan.inference, test_time_mirroring=mirrored)
+    save_plan(dataclasses.replace(plan, postprocessing=settings, inference=inference), work)
+    cv.save(work)
     s = table[name]
     print(
         f"post-processing {name}: out-of-fold Dice {s['dice']:.4f}, surface Dice "
         f"{s['surface_dice']:.4f}, HD95 {s['hd95']:.2f} mm, MASD {s['masd']:.2f} mm, tumor "
-        f"burden RMSE {s['tumor_burden_rmse']:.0f} mm^3 ({s['n_cases']} cases)"
+        f"burden RMSE {s['tumor_burden_rmse']:.0f} mm^3 ({s['n_cases']} cases); test-time "
+        f"mirroring {'on' if mirrored else 'off'}" + ("" if oof_mirrored else " (not measured)")
     )
     return 0
 
@@ -371,8 +393,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     work = args.work
     config, plan = _work_config(work), _work_plan(work)
-    if "cross_validation" in plan.training:
-        checkpoints = _fold_checkpoints(work, int(plan.training["cross_validation"]["folds"]))
+    planning, cv = Planning.load(work), CrossValidation.load(work)
+    if cv is not None:
+        checkpoints = _fold_checkpoints(work, cv.folds)
     else:
         checkpoints = sorted(
             work.glob("fold_*/best.pt"), key=lambda p: int(p.parent.name.removeprefix("fold_"))
@@ -388,7 +411,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         patch = plan.inference.patch_size_zyx
         if all(s >= p for s, p in zip(image.shape[1:], patch, strict=True)):
             real.append(np.asarray(image[None, :, : patch[0], : patch[1], : patch[2]]))
-    exported = export_model(checkpoints, config, plan, args.out, real_patches=real)
+    provenance = {"planning": planning.figures, "data": planning.data}
+    if cv is not None:
+        provenance["cross_validation"] = dataclasses.asdict(cv)
+    exported = export_model(
+        checkpoints, config, plan, args.out, real_patches=real, provenance=provenance
+    )
     print(f"exported {len(exported.inference.folds)} fold(s) to {args.out}")
     return 0
 
@@ -410,7 +438,8 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
             f"{dataset.root}: no unlabelled images (expected a folder such as "
             "ImagesTr_unlabeled/ beside ImagesTr/)"
         )
-    if "cross_validation" not in plan.training:
+    cv = CrossValidation.load(work)
+    if cv is None:
         log.warning("pseudo-labelling without cross-validation: post-processing keeps defaults")
     networks = [load_network(path, config, plan) for path in _fold_checkpoints(work, len(splits))]
     written = write_pseudo_labels(
@@ -420,6 +449,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
         args.out,
         resolve_device(args.device),
         amp=config.optim.amp,
+        postprocessing_name=cv.selected if cv is not None else "plan default",
     )
     print(
         f"{len(written)} pseudo-label(s) from a {len(networks)}-fold ensemble in {args.out}; "
@@ -519,7 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """The errors that mean "wrong input or order of steps" (exit 2 with the message) rather than
     a bug (a traceback). Modules not imported yet cannot have raised theirs."""
-    kinds: list[type[BaseException]] = [WorkflowError, ConfigError, ValueError, OSError]
+    kinds: list[type[BaseException]] = [
+        WorkflowError,
+        ConfigError,
+        RecordError,
+        ValueError,
+        OSError,
+    ]
     for module, name in (
         ("training.cache", "CacheError"),
         ("training.export", "ExportError"),

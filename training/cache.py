@@ -1,9 +1,9 @@
 """The preprocessed cache: every labelled case on the plan's grid, computed once, memory-mapped by
 the data loaders.
 
-Preprocessing goes through `pantherseg.preprocess.preprocess` on exactly the array inference reads
-(`pantherseg.io.read_image` + `check_inference_image`), so the network trains on what it will be
-given; a test proves the arrays are equal. Layout:
+Preprocessing goes through `pantherseg.inference.preprocess.preprocess` on exactly the array
+inference reads (`pantherseg.inference.io.read_image` + `check_inference_image`), so the network
+trains on what it will be given; a test proves the arrays are equal. Layout:
 
     <cache>/cache.json               what the cache was built for (hash of the plan's
                                      preprocessing section and the label mode) and its cases
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,20 +30,20 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from pantherseg.io import (
+from pantherseg.inference.files import atomic_output, atomic_write_text
+from pantherseg.inference.io import (
     Geometry,
     ImageError,
-    atomic_write_text,
     check_inference_image,
     read_image,
 )
+from pantherseg.inference.plan import Plan, Preprocessing
+from pantherseg.inference.preprocess import PreprocessRecord, preprocess, preprocess_label
 from pantherseg.parallel import parallel_map
-from pantherseg.plan import Plan, Preprocessing
-from pantherseg.preprocess import PreprocessRecord, preprocess, preprocess_label
 from training.data import LABEL_MODES, PANCREAS, TUMOR, Case, Dataset
 
 CACHE_FORMAT = "pantherseg-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: records carry the axis transpose
 INDEX_FILE = "cache.json"
 IMAGE_FILE, LABEL_FILE, RECORD_FILE = "image.npy", "label.npy", "record.json"
 _CASE_FILES = (IMAGE_FILE, LABEL_FILE, RECORD_FILE)
@@ -78,14 +76,8 @@ def cache_key(preprocessing: Preprocessing, labels: str) -> str:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        np.save(tmp, array, allow_pickle=False)
 
 
 def _source(path: Path) -> dict[str, Any]:
@@ -116,7 +108,9 @@ def _preprocess_case(job: tuple[Case, Preprocessing, str, str, str]) -> tuple[st
         image = read_image(case.image)
         array = check_inference_image(image, case.image)  # exactly what inference computes with
         spacing_zyx = tuple(reversed(image.GetSpacing()))
-        data, record = preprocess(array, spacing_zyx, preprocessing)
+        data, record = preprocess(
+            array, spacing_zyx, preprocessing, direction_xyz=image.GetDirection()
+        )
         del array
 
         label_image = read_image(case.label)
@@ -191,7 +185,7 @@ def _clear(cache_dir: Path) -> None:
     """Removes cached cases (folders holding only cache files), nothing else."""
     for folder in sorted(p for p in cache_dir.iterdir() if p.is_dir()):
         names = {p.name for p in folder.iterdir()}
-        ours = all(n in _CASE_FILES or (n.startswith(".") and n.endswith(".tmp")) for n in names)
+        ours = all(n in _CASE_FILES or (n.startswith(".") and ".partial" in n) for n in names)
         if ours:
             shutil.rmtree(folder)
 

@@ -112,12 +112,14 @@ class CrossValidationConfig:
     seed: int = 0
     thresholds: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6])
     min_component_mm3: list[float] = field(default_factory=lambda: [0.0, 50.0, 200.0, 500.0])
+    measure_mirroring: bool = True
 
 
 @dataclass
 class ExportConfig:
     opset: int = 17
     tolerance: float = 1e-4
+    fp16_tolerance: float = 1e-2
 
 
 @dataclass

@@ -1,31 +1,37 @@
 """Cross-validation: a saved split, out-of-fold predictions on whole cases, and the choice of
 post-processing on them by the challenge's own metrics and ranking.
 
-Out-of-fold probabilities come from `pantherseg.pipeline.Segmenter.probabilities`, the code path
-the container runs, so the post-processing chosen here is tuned on what inference will see.
+Out-of-fold probabilities come from `pantherseg.inference.pipeline.Segmenter.probabilities`, the
+code path the container runs, so the post-processing chosen here is tuned on what inference will
+see.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from pantherseg import metrics
-from pantherseg.io import atomic_write_text, check_inference_image, read_image
+from pantherseg.inference.files import atomic_output, atomic_write_text
+from pantherseg.inference.io import check_inference_image, read_image
+from pantherseg.inference.pipeline import Segmenter
+from pantherseg.inference.plan import Plan, Postprocessing
+from pantherseg.inference.postprocess import postprocess
 from pantherseg.parallel import parallel_map
-from pantherseg.pipeline import Segmenter
-from pantherseg.plan import PancreasGuidance, Plan, Postprocessing
-from pantherseg.postprocess import postprocess
+from pantherseg.scoring import metrics
 from training.config import TrainingConfig
 from training.data import Case
+from training.records import MIRRORED_PREFIX
 from training.trainer import torch_predictor
 
 log = logging.getLogger("pantherseg.training")
@@ -80,28 +86,31 @@ def predict_out_of_fold(
     device: torch.device,
     amp: bool = True,
     progress: bool = True,
+    mirroring: str = "off",
 ) -> list[Path]:
     """Each validation case's probabilities from the fold that did not train on it, saved as
-    `<out_dir>/<case>.npz` (float16). Cases already predicted are kept, so a rerun continues."""
+    `<out_dir>/<case>.npz` (float16). Cases already predicted are kept, so a rerun continues.
+    `mirroring` ("off" or "on": over the plan's trained axes) is explicit, not the plan's choice,
+    because cross-validation is what makes that choice."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     todo = [(fold, case_id) for fold, split in enumerate(splits) for case_id in split["val"]]
-    for fold, case_id in tqdm(
-        todo, desc="out-of-fold predictions", unit="case", disable=not progress
-    ):
+    what = "out-of-fold predictions" + (", mirrored" if mirroring == "on" else "")
+    for fold, case_id in tqdm(todo, desc=what, unit="case", disable=not progress):
         target = out_dir / f"{case_id}.npz"
         written.append(target)
         if target.is_file():
             continue
         network = fold_networks[fold].to(device).eval()
-        segmenter = Segmenter(plan, [torch_predictor(network, device, amp)])
+        segmenter = Segmenter(plan, [torch_predictor(network, device, amp)], mirroring=mirroring)
         image = read_image(cases[case_id].image)
         array = check_inference_image(image, cases[case_id].image)
-        probabilities = segmenter.probabilities(array, tuple(reversed(image.GetSpacing())))
-        tmp = target.with_name(f".{target.stem}.partial.npz")
-        np.savez_compressed(tmp, **{k: v.astype(np.float16) for k, v in probabilities.items()})
-        tmp.replace(target)
+        probabilities = segmenter.probabilities(
+            array, tuple(reversed(image.GetSpacing())), image.GetDirection()
+        )
+        with atomic_output(target) as tmp:
+            np.savez_compressed(tmp, **{k: v.astype(np.float16) for k, v in probabilities.items()})
     return written
 
 
@@ -117,16 +126,21 @@ def candidate_settings(config: TrainingConfig, plan: Plan) -> dict[str, Postproc
             f"t{threshold:g}_min{size:g}{'_pancreas' if guided else ''}"
             f"{'' if never_empty else '_allow-empty'}"
         )
-        candidates[name] = Postprocessing(
+        # Whatever the plan sets and the search does not vary (connectivity, the pancreas
+        # threshold and dilation) stays as the plan has it.
+        candidates[name] = dataclasses.replace(
+            plan.postprocessing,
             threshold=threshold,
             min_component_mm3=size,
-            pancreas_guidance=PancreasGuidance(guided, current.dilation_mm, current.min_overlap),
+            pancreas_guidance=dataclasses.replace(current, enabled=guided),
             never_empty=never_empty,
         )
     return candidates
 
 
-def _score_case_variants(args: tuple) -> dict[str, metrics.CaseMetrics]:
+def _score_case_variants(args: tuple) -> tuple[dict[str, metrics.CaseMetrics], set[str]]:
+    """One case's metrics under every variant, and the variants whose mask the never-empty rule
+    supplied (counted for the selection's report, not logged per case)."""
     oof_path, label_path, candidates = args
     label_image = read_image(label_path)
     truth = sitk.GetArrayViewFromImage(label_image) == 1
@@ -134,12 +148,14 @@ def _score_case_variants(args: tuple) -> dict[str, metrics.CaseMetrics]:
     with np.load(oof_path) as data:
         tumor = data["tumor"].astype(np.float32)
         pancreas = data["pancreas"].astype(np.float32) if "pancreas" in data else None
-    scores = {}
+    scores, fell_back = {}, set()
     for name, settings in candidates.items():
         guided = settings.pancreas_guidance.enabled
-        mask, _ = postprocess(tumor, spacing, settings, pancreas if guided else None)
+        mask, report = postprocess(tumor, spacing, settings, pancreas if guided else None)
         scores[name] = metrics.score_case(truth, mask.astype(bool), spacing)
-    return scores
+        if report.fallback:
+            fell_back.add(name)
+    return scores, fell_back
 
 
 def select_postprocessing(
@@ -149,32 +165,57 @@ def select_postprocessing(
     cases: dict[str, Case],
     jobs: int = 1,
     progress: bool = True,
-) -> tuple[str, Postprocessing, dict[str, dict[str, float]]]:
+    mirrored_files: Sequence[Path] = (),
+) -> tuple[str, Postprocessing, dict[str, dict[str, Any]]]:
     """The variant with the best challenge ranking (mean of per-metric ranks, ties broken by
     Dice) on the out-of-fold predictions, its settings, and every variant's aggregates (with
-    their means per band of tumor volume)."""
+    their means per band of tumor volume, and `n_never_empty_fallbacks`: on how many cases the
+    never-empty rule supplied the mask, which the ranking does not use).
+
+    With `mirrored_files` (the same cases predicted with test-time mirroring) every variant is
+    scored on those too, under its name with `MIRRORED_PREFIX`: the winner's name says whether
+    inference should mirror, so mirroring is kept only where it pays by the challenge's ranking.
+    """
     candidates = candidate_settings(config, plan)
-    tasks = [(path, cases[path.stem].label, candidates) for path in oof_files]
-    if not tasks:
+    sets = {"": list(oof_files)}
+    if mirrored_files:
+        if sorted(p.stem for p in mirrored_files) != sorted(p.stem for p in oof_files):
+            raise ValueError("mirrored out-of-fold predictions must cover the same cases")
+        sets[MIRRORED_PREFIX] = list(mirrored_files)
+    if not oof_files:
         raise ValueError("no out-of-fold predictions to choose post-processing on")
+    tasks = [(p, cases[p.stem].label, candidates) for files in sets.values() for p in files]
     # Spawned worker processes (or this one for jobs=1): a forked copy of a process that has run
     # torch's thread pools can deadlock.
-    per_case = list(
+    scored = iter(
         parallel_map(
             _score_case_variants, tasks, max(1, jobs), progress, "post-processing variants"
         )
     )
-    summaries = {
-        name: metrics.aggregate([scores[name] for scores in per_case]) for name in candidates
-    }
+    per_case: dict[str, list[metrics.CaseMetrics]] = {}
+    fallbacks: Counter[str] = Counter()
+    for prefix, files in sets.items():
+        for scores, fell_back in itertools.islice(scored, len(files)):
+            for name, score in scores.items():
+                per_case.setdefault(prefix + name, []).append(score)
+            fallbacks.update(prefix + name for name in fell_back)
+    settings = {prefix + name: candidates[name] for prefix in sets for name in candidates}
+    summaries = {name: metrics.aggregate(per_case[name]) for name in settings}
     ranks = metrics.rank_methods(summaries)
-    best = min(candidates, key=lambda n: (ranks[n]["mean_rank"], -summaries[n]["dice"]))
+    best = min(settings, key=lambda n: (ranks[n]["mean_rank"], -summaries[n]["dice"]))
     table = {
         name: {
             **summaries[name],
             "mean_rank": ranks[name]["mean_rank"],
-            "by_tumor_volume": metrics.by_tumor_volume([scores[name] for scores in per_case]),
+            "by_tumor_volume": metrics.by_tumor_volume(per_case[name]),
+            "n_never_empty_fallbacks": fallbacks[name],
         }
-        for name in candidates
+        for name in settings
     }
-    return best, candidates[best], table
+    log.info(
+        "post-processing %s: the never-empty rule supplied the mask on %d of %d cases",
+        best,
+        fallbacks[best],
+        len(oof_files),
+    )
+    return best, settings[best], table

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import SimpleITK as sitk
 
-from pantherseg.io import (
+from pantherseg.inference.io import (
     Geometry,
     ImageError,
     check_inference_image,
@@ -33,8 +34,9 @@ from pantherseg.io import (
     read_image,
     strip_image_suffix,
 )
+from pantherseg.inference.plan import AXIAL_PATIENT_AXES
+from pantherseg.inference.preprocess import nonzero_box, patient_axes
 from pantherseg.parallel import parallel_map
-from pantherseg.preprocess import nonzero_box
 
 TASKS = ("task1", "task2")
 LAYOUTS = ("panther-task1", "panther-task2", "nnunet")
@@ -410,13 +412,20 @@ _INTENSITY_KEYS = ("mean", "std", "median", "min", "max", "percentile_00_5", "pe
 
 @dataclass
 class Fingerprint:
-    """Per-case geometry and pooled foreground intensities: the planner's only input."""
+    """Per-case geometry and pooled foreground intensities: the planner's only input.
+
+    Spacings and shapes are in each file's own array order; `patient_axes_zyx` says which patient
+    axis each of those array axes runs along (`pantherseg.inference.preprocess.patient_axes`), so
+    that the planner can bring every case into one axis order, as preprocessing will.
+    """
 
     case_ids: list[str]
     spacings_zyx: list[tuple[float, float, float]]
     shapes_after_crop_zyx: list[tuple[int, int, int]]
     # Over labelled voxels (label > 0), at most 10000 sampled per case; empty without foreground.
     foreground_intensity: dict[str, float]
+    # None when the source recorded no directions (nnU-Net's fingerprint): every case axial.
+    patient_axes_zyx: list[tuple[int, int, int]] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.case_ids)
@@ -430,12 +439,20 @@ class Fingerprint:
         self.spacings_zyx = [_triple(s, float, "spacing") for s in self.spacings_zyx]
         self.shapes_after_crop_zyx = [_triple(s, int, "shape") for s in self.shapes_after_crop_zyx]
         self.foreground_intensity = {k: float(v) for k, v in self.foreground_intensity.items()}
+        if self.patient_axes_zyx is None:
+            self.patient_axes_zyx = [AXIAL_PATIENT_AXES] * n
+        if len(self.patient_axes_zyx) != n:
+            raise DatasetError(
+                f"fingerprint lists {n} cases and {len(self.patient_axes_zyx)} axis orders"
+            )
+        self.patient_axes_zyx = [_axis_order(a) for a in self.patient_axes_zyx]
 
     def to_json(self) -> dict[str, Any]:
         return {
             "case_ids": list(self.case_ids),
             "spacings_zyx": [list(s) for s in self.spacings_zyx],
             "shapes_after_crop_zyx": [list(s) for s in self.shapes_after_crop_zyx],
+            "patient_axes_zyx": [list(a) for a in self.patient_axes_zyx or []],
             "foreground_intensity": dict(self.foreground_intensity),
         }
 
@@ -447,9 +464,35 @@ class Fingerprint:
                 spacings_zyx=data["spacings_zyx"],
                 shapes_after_crop_zyx=data["shapes_after_crop_zyx"],
                 foreground_intensity=data.get("foreground_intensity", {}),
+                patient_axes_zyx=data.get("patient_axes_zyx"),
             )
         except (KeyError, TypeError) as error:
             raise DatasetError(f"not a fingerprint: {error!r}") from None
+
+    def common_axis_order(self) -> tuple[int, int, int]:
+        """The patient-axis order most cases are stored in (axial on a tie that includes it):
+        the plan's, so that the usual case is not transposed at all."""
+        counts = Counter(self.patient_axes_zyx)
+        top = max(counts.values())
+        tied = sorted(order for order, n in counts.items() if n == top)
+        return AXIAL_PATIENT_AXES if AXIAL_PATIENT_AXES in tied else tied[0]
+
+    def in_axis_order(self, plan_axes: Sequence[int]) -> Fingerprint:
+        """The same fingerprint with every case's spacing and shape in the plan's axis order."""
+        spacings, shapes = [], []
+        for spacing, shape, own in zip(
+            self.spacings_zyx, self.shapes_after_crop_zyx, self.patient_axes_zyx, strict=True
+        ):
+            order = [own.index(axis) for axis in plan_axes]
+            spacings.append(tuple(spacing[a] for a in order))
+            shapes.append(tuple(shape[a] for a in order))
+        return Fingerprint(
+            case_ids=list(self.case_ids),
+            spacings_zyx=spacings,
+            shapes_after_crop_zyx=shapes,
+            foreground_intensity=dict(self.foreground_intensity),
+            patient_axes_zyx=[tuple(plan_axes)] * len(self.case_ids),
+        )
 
     @classmethod
     def from_nnunet(cls, data: dict[str, Any]) -> Fingerprint:
@@ -477,6 +520,13 @@ class Fingerprint:
         )
 
 
+def _axis_order(values: Any) -> tuple[int, int, int]:
+    order = tuple(int(v) for v in values)
+    if sorted(order) != [0, 1, 2]:
+        raise DatasetError(f"fingerprint axis order {values!r} is not a permutation of 0, 1, 2")
+    return order
+
+
 def _triple(values: Any, kind: type, name: str) -> tuple:
     try:
         out = tuple(kind(v) for v in values)
@@ -487,7 +537,7 @@ def _triple(values: Any, kind: type, name: str) -> tuple:
     return out
 
 
-def _case_fingerprint(case: Case) -> tuple[tuple, tuple, np.ndarray]:
+def _case_fingerprint(case: Case) -> tuple[tuple, tuple, tuple, np.ndarray]:
     image = read_image(case.image)
     array = sitk.GetArrayViewFromImage(image)
     start, stop = nonzero_box(array)
@@ -508,19 +558,20 @@ def _case_fingerprint(case: Case) -> tuple[tuple, tuple, np.ndarray]:
             pick = rng.choice(foreground.size, FOREGROUND_SAMPLES_PER_CASE, replace=False)
             foreground = foreground[np.sort(pick)]
         samples = foreground
-    return spacing, shape, samples
+    return spacing, shape, patient_axes(image.GetDirection()), samples
 
 
 def fingerprint(dataset: Dataset, jobs: int = 2, progress: bool = True) -> Fingerprint:
     """Spacings, shapes after nonzero cropping and foreground intensities of the labelled cases."""
     if not dataset.labelled:
         raise DatasetError(f"{dataset.root}: no labelled cases to fingerprint")
-    spacings, shapes, samples = [], [], []
-    for spacing, shape, sample in parallel_map(
+    spacings, shapes, axes, samples = [], [], [], []
+    for spacing, shape, order, sample in parallel_map(
         _case_fingerprint, dataset.labelled, jobs, progress, "fingerprint"
     ):
         spacings.append(spacing)
         shapes.append(shape)
+        axes.append(order)
         samples.append(sample)
     pooled = np.concatenate(samples)
     intensity: dict[str, float] = {}
@@ -540,4 +591,5 @@ def fingerprint(dataset: Dataset, jobs: int = 2, progress: bool = True) -> Finge
         spacings_zyx=spacings,
         shapes_after_crop_zyx=shapes,
         foreground_intensity=intensity,
+        patient_axes_zyx=axes,
     )

@@ -3,22 +3,25 @@
 Each fold is exported in eval mode (one output, deep supervision off) with a fixed patch size and a
 dynamic batch, then run in onnxruntime through pantherseg's own engine against the PyTorch network
 on random and real patches; a difference above the tolerance (relative to the logits' size)
-stops the export.
+stops the export. The network in half precision is compared too: the plan allows a GPU to run it
+in float16 only when that difference is within its own tolerance.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from pantherseg.engines import OnnxEngine
-from pantherseg.plan import FoldWeights, Plan, save_plan, sha256_of
+from pantherseg.inference.engines import OnnxEngine
+from pantherseg.inference.files import atomic_output
+from pantherseg.inference.plan import FoldWeights, Plan, save_plan, sha256_of
 from training.config import TrainingConfig
 from training.model_card import write_model_card
 from training.networks import build_network
@@ -44,23 +47,17 @@ def load_network(checkpoint: Path, config: TrainingConfig, plan: Plan) -> torch.
 def export_onnx(network: torch.nn.Module, plan: Plan, path: Path, opset: int) -> Path:
     """Writes the network as ONNX (atomically) with a dynamic batch and the plan's patch size."""
     dummy = torch.zeros((1, 1, *plan.inference.patch_size_zyx), dtype=torch.float32)
-    tmp = path.with_name(f".{path.name}.partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(
-                network.eval(),
-                (dummy,),
-                str(tmp),
-                input_names=[ONNX_INPUT],
-                output_names=[ONNX_OUTPUT],
-                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as tmp, torch.no_grad():
+        torch.onnx.export(
+            network.eval(),
+            (dummy,),
+            str(tmp),
+            input_names=[ONNX_INPUT],
+            output_names=[ONNX_OUTPUT],
+            dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     return path
 
 
@@ -74,18 +71,39 @@ class Parity:
     max_relative_difference: float  # |difference| / max(1, largest |logit|), per batch
 
 
-def parity(network: torch.nn.Module, onnx_path: Path, patches: Sequence[np.ndarray]) -> Parity:
-    """The largest |PyTorch - onnxruntime| logit differences over the (B, 1, *patch) batches."""
-    engine = OnnxEngine(onnx_path, device="cpu")
+def _compare(
+    network: torch.nn.Module,
+    other: Callable[[np.ndarray], np.ndarray],
+    patches: Sequence[np.ndarray],
+) -> Parity:
+    """The largest logit differences between the float32 network and `other` over the batches."""
     worst_abs = worst_relative = 0.0
     with torch.no_grad():
         for batch in patches:
             expected = network(torch.from_numpy(batch)).numpy()
-            difference = float(np.abs(engine(batch) - expected).max())
+            difference = float(np.abs(other(batch) - expected).max())
             worst_abs = max(worst_abs, difference)
             scale = max(1.0, float(np.abs(expected).max()))
             worst_relative = max(worst_relative, difference / scale)
     return Parity(worst_abs, worst_relative)
+
+
+def parity(network: torch.nn.Module, onnx_path: Path, patches: Sequence[np.ndarray]) -> Parity:
+    """The largest |PyTorch - onnxruntime| logit differences over the (B, 1, *patch) batches."""
+    return _compare(network, OnnxEngine(onnx_path, device="cpu"), patches)
+
+
+def half_precision_parity(network: torch.nn.Module, patches: Sequence[np.ndarray]) -> Parity:
+    """How far the network's logits in float16 are from its float32 ones: whether a GPU may run
+    it in half precision (TensorRT fp16). Computed by PyTorch on the CPU, so the figure bounds
+    the network's sensitivity to half precision (overflow, lost normalisation statistics), not
+    one GPU's kernels."""
+    half = copy.deepcopy(network).half().eval()
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return half(torch.from_numpy(batch).half()).float().numpy()
+
+    return _compare(network, predict, patches)
 
 
 def parity_batches(plan: Plan, real: Sequence[np.ndarray], seed: int = 0) -> list[np.ndarray]:
@@ -102,13 +120,15 @@ def export_model(
     plan: Plan,
     model_dir: Path,
     real_patches: Sequence[np.ndarray] = (),
-    provenance: dict | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Plan:
-    """Exports every fold, checks parity, and writes plan.json and the model card."""
+    """Exports every fold, checks parity, and writes plan.json and the model card (with
+    `provenance`: the planner's figures, the data, cross-validation). The plan allows half
+    precision only if every fold's float16 logits stay within `export.fp16_tolerance`."""
     model_dir = Path(model_dir)
     if not fold_checkpoints:
         raise ExportError("no fold checkpoints to export")
-    folds, absolute, relative, written = [], {}, {}, []
+    folds, absolute, relative, half, written = [], {}, {}, {}, []
     try:
         for index, checkpoint in enumerate(fold_checkpoints):
             network = load_network(checkpoint, config, plan)
@@ -131,25 +151,35 @@ def export_model(
                     f"({found.max_abs_difference:.3g}), more than the tolerance "
                     f"{config.export.tolerance}"
                 )
+            # One batch is enough to see overflow or lost precision; real patches when given.
+            probe = parity_batches(plan, real_patches[:1], seed=index)[-1:]
+            half[path.name] = half_precision_parity(network, probe).max_relative_difference
             folds.append(FoldWeights(path.name, sha256_of(path)))
     except BaseException:
         # No half-exported model: every fold of this export goes, the ones that passed too.
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    training = {
-        **plan.training,
+    fp16 = all(v <= config.export.fp16_tolerance for v in half.values())
+    log.info(
+        "half precision: largest logit difference %.2e of the logits; %s on a GPU",
+        max(half.values()),
+        "allowed" if fp16 else f"not allowed (tolerance {config.export.fp16_tolerance})",
+    )
+    record = {
+        **(provenance or {}),
         "export": {
             "max_abs_difference": absolute,
             "max_relative_difference": relative,
+            "float16_max_relative_difference": half,
+            "float16_tolerance": config.export.fp16_tolerance,
             "opset": config.export.opset,
         },
     }
-    if provenance:
-        training.update(provenance)
-    exported = dataclasses.replace(
-        plan, inference=dataclasses.replace(plan.inference, folds=tuple(folds)), training=training
+    inference = dataclasses.replace(
+        plan.inference, folds=tuple(folds), precision="float16" if fp16 else "float32"
     )
+    exported = dataclasses.replace(plan, inference=inference)
     save_plan(exported, model_dir)
-    write_model_card(exported, config, model_dir)
+    write_model_card(exported, config, model_dir, record)
     return exported

@@ -1,9 +1,9 @@
 """Training losses, chosen by name in the training YAML (`loss.name`), with deep supervision.
 
 Targets are label volumes (B, 1, Z, Y, X) of integers: 0 background, 1 tumor, 2 pancreas (the
-dataset's values, `pantherseg.plan.KNOWN_CLASSES` order). A sigmoid network (one channel) learns
-tumor vs. the rest; a softmax network learns the plan's `classes`, a label whose class the plan
-does not list counting as background.
+dataset's values, `pantherseg.inference.plan.KNOWN_CLASSES` order). A sigmoid network (one
+channel) learns tumor vs. the rest; a softmax network learns the plan's `classes`, a label whose
+class the plan does not list counting as background.
 
 - `dice_focal_boundary` (the user's loss, default 0.6 / 0.3 / 0.1): batch soft Dice, focal loss
   (gamma 2) and the boundary loss of Kervadec et al. Axial slices (along z) that contain tumor weigh
@@ -27,7 +27,7 @@ from monai.losses import DiceCELoss
 from scipy.ndimage import distance_transform_edt
 from torch import nn
 
-from pantherseg.plan import KNOWN_CLASSES, Plan
+from pantherseg.inference.plan import KNOWN_CLASSES, Plan
 from training.config import LossConfig
 
 TUMOR = KNOWN_CLASSES.index("tumor")

@@ -1,6 +1,8 @@
 """The model card beside exported weights: `README.md` for people, `metadata.json` for programs.
 
-Export writes it from the plan and the configuration; evaluations made afterwards (for example on
+Export writes it from the plan, the configuration and the work folder's provenance (the planner's
+figures, the training data, cross-validation, export parity), which the plan itself does not
+carry; evaluations made afterwards (for example on
 held-out cases with `pantherseg evaluate`) are recorded into it with `record_evaluation`, so the
 card that ships with the weights carries the numbers that describe them.
 """
@@ -13,14 +15,17 @@ import math
 import platform
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import pantherseg
-from pantherseg.io import atomic_write_text
-from pantherseg.metrics import CASE_MEAN_METRICS
-from pantherseg.plan import Plan
+from pantherseg.inference.files import atomic_write_text
+from pantherseg.inference.plan import Plan
+from pantherseg.plan_upgrade import without_absolute_paths
+from pantherseg.scoring.metrics import CASE_MEAN_METRICS
 from training.config import TrainingConfig
+from training.records import MIRRORED_PREFIX
 
 CARD_FILE = "README.md"
 METADATA_FILE = "metadata.json"
@@ -43,10 +48,15 @@ def _versions() -> dict[str, str]:
     }
 
 
-def write_model_card(plan: Plan, config: TrainingConfig, model_dir: Path) -> None:
-    """`README.md` for people and `metadata.json` for programs, beside the weights."""
-    cv = plan.training.get("cross_validation", {})
-    data = plan.training.get("data", {})
+def write_model_card(
+    plan: Plan, config: TrainingConfig, model_dir: Path, provenance: dict[str, Any]
+) -> None:
+    """`README.md` for people and `metadata.json` for programs, beside the weights.
+
+    `provenance` holds `planning`, `data`, `cross_validation` and `export` where known; no
+    absolute path of the training machine reaches the shipped files."""
+    cv = provenance.get("cross_validation", {})
+    data = provenance.get("data", {})
     metadata = {
         "name": "pantherseg",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -58,8 +68,7 @@ def write_model_card(plan: Plan, config: TrainingConfig, model_dir: Path) -> Non
         },
         "network": dataclasses.asdict(config.network),
         "folds": [f.file for f in plan.inference.folds],
-        "data": data,
-        "cross_validation": cv,
+        **without_absolute_paths(provenance),
         "versions": _versions(),
         "intended_use": "research on pancreatic tumor segmentation in the PANTHER challenge; "
         "not a medical device",
@@ -84,8 +93,10 @@ def write_model_card(plan: Plan, config: TrainingConfig, model_dir: Path) -> Non
 - Task: {plan.task} ({plan.input_socket}); output: tumor mask, uint8 {{0, 1}}.
 - Network: {config.network.name}, {config.network.base_features} base features,
   {len(plan.inference.folds)} fold(s), patch {plan.inference.patch_size_zyx} at spacing
-  {plan.preprocessing.target_spacing_zyx} mm (z, y, x); mirroring axes
-  {list(plan.inference.mirror_axes) or "none"}.
+  {plan.preprocessing.target_spacing_zyx} mm (z, y, x); trained with mirroring on axes
+  {list(plan.inference.mirror_axes) or "none"}, test-time mirroring
+  {"on" if plan.inference.test_time_mirroring else "off"} ({_mirroring_reason(cv)});
+  precision on a GPU: {plan.inference.precision}.
 - Post-processing (chosen on out-of-fold predictions): threshold
   {plan.postprocessing.threshold}, minimum component {plan.postprocessing.min_component_mm3} mm^3,
   pancreas guidance {"on" if plan.postprocessing.pancreas_guidance.enabled else "off"},
@@ -107,6 +118,14 @@ for clinical decisions.
 Versions: {", ".join(f"{k} {v}" for k, v in metadata["versions"].items())}.
 """
     atomic_write_text(model_dir / CARD_FILE, card)
+
+
+def _mirroring_reason(cv: dict[str, Any]) -> str:
+    if "test_time_mirroring" not in cv:
+        return "not measured: no cross-validation"
+    if not any(name.startswith(MIRRORED_PREFIX) for name in cv.get("variants", {})):
+        return "not measured by cross-validation"
+    return "chosen on out-of-fold predictions"
 
 
 def _format(value: float | int) -> str:
@@ -145,7 +164,7 @@ def evaluation_section(summary: dict, title: str, note: str = "") -> str:
 
 
 def band_table(bands: list[dict]) -> str:
-    """`pantherseg.metrics.by_tumor_volume`'s bands as a Markdown table."""
+    """`pantherseg.scoring.metrics.by_tumor_volume`'s bands as a Markdown table."""
     lines = [
         "| tumor volume | cases | " + " | ".join(CASE_MEAN_METRICS) + " |",
         "| --- | --- |" + " --- |" * len(CASE_MEAN_METRICS),

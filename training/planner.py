@@ -16,10 +16,11 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pantherseg.plan import (
+from pantherseg.inference.plan import (
     TASK_SOCKETS,
     Inference,
     Normalization,
@@ -28,7 +29,7 @@ from pantherseg.plan import (
     Resampling,
     plan_from_json,
 )
-from pantherseg.preprocess import resampled_shape
+from pantherseg.inference.preprocess import resampled_shape
 from training.config import ConfigError, TrainingConfig
 from training.data import Fingerprint
 
@@ -296,11 +297,21 @@ def _median_int(values: np.ndarray) -> Triple:
 
 
 def plan_from_fingerprint(fp: Fingerprint, config: TrainingConfig, task: str) -> Plan:
+    """A plan without weights yet (folds are filled in at export); see `plan_with_facts`."""
+    return plan_with_facts(fp, config, task)[0]
+
+
+def plan_with_facts(
+    fp: Fingerprint, config: TrainingConfig, task: str
+) -> tuple[Plan, dict[str, Any]]:
     """A plan without weights yet (folds are filled in at export), from a fingerprint and the
-    training configuration. Deterministic: the same inputs give the same plan."""
+    training configuration, and the planner's figures behind it (medians, memory estimate,
+    topology) for the model card. Deterministic: the same inputs give the same plan."""
     if task not in TASK_SOCKETS:
         raise ConfigError(f"task must be one of {list(TASK_SOCKETS)}, got {task!r}")
     settings = config.plan
+    axes = fp.common_axis_order()
+    fp = fp.in_axis_order(axes)  # as preprocessing will transpose every case
     if settings.target_spacing_zyx is not None:
         spacing = _checked_triple(settings.target_spacing_zyx, float, "plan.target_spacing_zyx")
     else:
@@ -350,6 +361,7 @@ def plan_from_fingerprint(fp: Fingerprint, config: TrainingConfig, task: str) ->
         task=task,
         preprocessing=Preprocessing(
             target_spacing_zyx=spacing,
+            patient_axes_zyx=axes,
             crop_to_nonzero=True,
             normalization=Normalization(
                 scheme="zscore",
@@ -362,22 +374,25 @@ def plan_from_fingerprint(fp: Fingerprint, config: TrainingConfig, task: str) ->
             patch_size_zyx=patch,
             folds=(),
             tile_step=float(config.validation.tile_step),
+            # Test-time mirroring may flip what training flipped; cross-validation decides
+            # whether it does by default.
+            mirror_axes=tuple(sorted(config.augmentation.mirror_axes)),
             batch_size=int(config.validation.batch_size),
             activation=activation,
             classes=classes,
         ),
-        training={
-            "fingerprint_cases": len(fp.case_ids),
-            "median_spacing_zyx": list(median_spacing),
-            "median_shape_zyx": list(median_shape),  # after crop, at the target spacing
-            "estimated_memory_gb": round(estimate, 3),
-            "gpu_memory_gb": float(settings.gpu_memory_gb),
-            "batch_size": int(config.sampling.batch_size),
-            "pooling_per_axis": [list(s) for s in strides],
-            "conv_kernel_sizes": [list(k) for k in conv_kernel_sizes(spacing, strides)],
-            "labels": config.data.labels,
-        },
     )
     # What inference will load must be a valid plan; find out here rather than after training.
     plan_from_json(json.loads(json.dumps(plan.to_json())), Path("<planned>"), require_folds=False)
-    return plan
+    facts = {
+        "fingerprint_cases": len(fp.case_ids),
+        "median_spacing_zyx": list(median_spacing),
+        "median_shape_zyx": list(median_shape),  # after crop, at the target spacing
+        "estimated_memory_gb": round(estimate, 3),
+        "gpu_memory_gb": float(settings.gpu_memory_gb),
+        "batch_size": int(config.sampling.batch_size),
+        "pooling_per_axis": [list(s) for s in strides],
+        "conv_kernel_sizes": [list(k) for k in conv_kernel_sizes(spacing, strides)],
+        "labels": config.data.labels,
+    }
+    return plan, facts

@@ -4,8 +4,8 @@ as a dataset folder that a second round of training adds to its annotated cases.
     python -m training pseudo-label --work work/ --out pseudo/
     python -m training plan --data PANTHER_Task1 --work work2/ --extra-labelled pseudo/
 
-Every fold's best network predicts through `pantherseg.pipeline.Segmenter`, the code path the
-container runs: the same preprocessing, sliding window, fold averaging, mirroring and the
+Every fold's best network predicts through `pantherseg.inference.pipeline.Segmenter`, the code
+path the container runs: the same preprocessing, sliding window, fold averaging, mirroring and the
 post-processing that cross-validation chose, so a pseudo-label is exactly the mask the exported
 model would submit for that scan. The output folder is in the PANTHER layout that
 `training.data.discover` reads:
@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,9 +33,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pantherseg.io import atomic_write_text, check_inference_image, read_image, write_mask
-from pantherseg.pipeline import Segmenter
-from pantherseg.plan import Plan
+from pantherseg.inference.files import atomic_output, atomic_write_text
+from pantherseg.inference.io import check_inference_image, read_image, write_mask
+from pantherseg.inference.pipeline import Segmenter
+from pantherseg.inference.plan import Plan
 from training.data import Case
 from training.trainer import torch_predictor
 
@@ -61,17 +61,12 @@ def _extension(path: Path) -> str:
 
 def _link_or_copy(source: Path, target: Path) -> None:
     """`target` becomes the same file as `source` (hard link, else copy), atomically."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    os.unlink(tmp)
-    try:
+    with atomic_output(target) as tmp:
+        tmp.unlink()  # a link needs a free name
         try:
             os.link(source, tmp)
         except OSError:  # another file system, or links not allowed
             shutil.copy2(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def write_pseudo_labels(
@@ -82,9 +77,11 @@ def write_pseudo_labels(
     device: torch.device,
     amp: bool = True,
     progress: bool = True,
+    postprocessing_name: str = "plan default",
 ) -> list[dict]:
     """Segments every case's image with the fold ensemble and writes the dataset folder described
-    in the module docstring; returns the manifest entries."""
+    in the module docstring; returns the manifest entries. `postprocessing_name` (the variant
+    cross-validation chose) is recorded in the manifest."""
     if not cases:
         raise ValueError("no unlabelled images to pseudo-label")
     out_dir = Path(out_dir)
@@ -97,7 +94,7 @@ def write_pseudo_labels(
         image = read_image(case.image)
         array = check_inference_image(image, case.image)
         spacing = tuple(reversed(image.GetSpacing()))
-        result = segmenter.segment(array, spacing)
+        result = segmenter.segment(array, spacing, image.GetDirection())
         ext = _extension(case.image)
         write_mask(result.mask, image, labels / f"{case.case_id}{ext}")
         _link_or_copy(case.image, images / f"{case.case_id}_0000{ext}")
@@ -114,7 +111,7 @@ def write_pseudo_labels(
     manifest = {
         "description": "pseudo-labels (1 tumor) from the cross-validation ensemble",
         "folds": len(networks),
-        "postprocessing": plan.training.get("cross_validation", {}).get("selected", "plan default"),
+        "postprocessing": postprocessing_name,
         "cases": entries,
     }
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")

@@ -29,22 +29,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from pantherseg import metrics
-from pantherseg.pipeline import class_probabilities
-from pantherseg.plan import Plan
-from pantherseg.sliding_window import Predictor, sliding_window_predict
+from pantherseg.inference.files import atomic_output, atomic_write_text
+from pantherseg.inference.pipeline import class_probabilities
+from pantherseg.inference.plan import Plan
+from pantherseg.inference.sliding_window import Predictor, sliding_window_predict
+from pantherseg.scoring import metrics
 from training.cache import CachedCase, load_cached
 from training.config import TrainingConfig
 from training.losses import build_loss
 from training.networks import build_network
 from training.seeding import derived_seed, seed_everything
 from training.transforms import train_transforms
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger("pantherseg.training")
 
@@ -286,9 +292,8 @@ def load_matching_weights(network: torch.nn.Module, checkpoint: Path) -> InitRep
 
 
 def _save_atomically(state: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _optimizer(config: TrainingConfig, parameters) -> torch.optim.Optimizer:
@@ -359,10 +364,9 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def planned_epochs(config: TrainingConfig, seconds: Sequence[float]) -> int:
@@ -448,192 +452,37 @@ def _train(
     progress: bool,
     init: Path | None,
 ) -> FoldResult:
+    """train_fold once the device and the process group are set: starting weights (resumed,
+    fine-tuned or fresh), then the epochs, with rank 0's TensorBoard log open throughout."""
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
     seed_everything(derived_seed(config.seed, _INIT, fold))
     network = build_network(config.network, plan)
     loss_function = build_loss(config.loss, plan)
-    state = {
-        "epoch": 0,
-        "epochs": config.optim.epochs,  # lowered under optim.time_limit_minutes
-        "best_dice": -math.inf,
-        "best_epoch": 0,
-        "stale_epochs": 0,
-        "history": [],
-    }
-    last = out_dir / LAST_CHECKPOINT
-    checkpoint = None
-    init_report = None
-    if resume and last.is_file():
-        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
-        network.load_state_dict(checkpoint["network"])
-        state = checkpoint["state"]
-        if config.optim.time_limit_minutes is None or "epochs" not in state:
-            state["epochs"] = config.optim.epochs  # a longer configuration continues the run
-        log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
-        if (out_dir / INIT_REPORT).is_file():
-            init_report = json.loads((out_dir / INIT_REPORT).read_text(encoding="utf-8"))
-    elif resume:
-        log.info("fold %d: nothing to resume in %s, starting afresh", fold, out_dir)
-    report = None
-    if checkpoint is None and init is not None:
-        # Before anything in out_dir changes: a wrong --init must not cost the earlier run.
-        report = load_matching_weights(network, Path(init))
-        init_report = asdict(report)
-    if checkpoint is None and context.is_main:
-        # A fresh start must not leave an earlier run's files to be taken for this one's.
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT, HISTORY_FILE, INIT_REPORT):
-            (out_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
-        if report is not None:
-            log.info("fold %d: %s", fold, report.summary())
-            for name, reason in report.skipped.items():
-                log.info("  kept initialisation: %s (%s)", name, reason)
-            (out_dir / INIT_REPORT).write_text(json.dumps(init_report, indent=1) + "\n")
+    checkpoint = _last_checkpoint(out_dir, fold) if resume else None
+    if checkpoint is None:
+        state = _fresh_state(config)
+        init_report = _start_afresh(network, init, out_dir, fold, context)
+    else:
+        state, init_report = _resume_from(checkpoint, network, config, out_dir, fold)
     context.barrier()
-    layout = memory_layout(config)
-    if torch_device.type == "cuda":
-        torch.backends.cudnn.benchmark = config.optim.cudnn_benchmark
-    network = network.to(torch_device, memory_format=layout)
-    optimizer = _optimizer(config, network.parameters())
-    scheduler = _scheduler(config, optimizer, lambda: state["epochs"])
-    use_amp = config.optim.amp and torch_device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-    model = network
-    if context.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            network, device_ids=[torch_device.index] if torch_device.type == "cuda" else None
-        )
-    dataset = PatchDataset(train_cases, config, plan, fold)
-    indices = rank_indices(
-        len(dataset), context.rank, context.world_size, config.sampling.batch_size
+    run = _FoldRun(
+        config,
+        plan,
+        fold,
+        out_dir,
+        torch_device,
+        context,
+        network,
+        loss_function,
+        state,
+        checkpoint,
+        train_cases,
+        progress,
     )
     writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR)) if context.is_main else None
-    patience = config.optim.patience
     try:
-        while state["epoch"] < state["epochs"] and state["stale_epochs"] < patience:
-            epoch = state["epoch"] + 1
-            if config.optim.time_limit_minutes is not None:
-                seconds = [h["seconds"] for h in state["history"]]
-                planned = context.broadcast(planned_epochs(config, seconds))
-                if planned != state["epochs"] and context.is_main:
-                    log.info("fold %d: %d epochs fit in the time limit", fold, planned)
-                state["epochs"] = planned
-            started = time.perf_counter()
-            dataset.epoch = epoch
-            loader = epoch_loader(
-                dataset,
-                indices,
-                config.sampling.batch_size,
-                config.sampling.workers,
-                pin_memory=torch_device.type == "cuda",
-            )
-            lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
-            model.train()
-            losses = []
-            bar = tqdm(
-                loader,
-                desc=f"fold {fold} epoch {epoch}",
-                unit="batch",
-                disable=not (progress and context.is_main),
-                leave=False,
-            )
-            for images, labels in bar:
-                images = images.to(torch_device, non_blocking=True, memory_format=layout)
-                labels = labels.to(torch_device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with _autocast(torch_device, config.optim.amp):
-                    outputs = model(images)
-                loss = loss_function(outputs, labels)  # in float32 (the losses upcast)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), config.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            train_loss = float(np.mean(losses)) if losses else math.nan
-            if context.world_size > 1:
-                total = torch.tensor([train_loss], dtype=torch.float64, device=torch_device)
-                dist.all_reduce(total)
-                train_loss = float(total.item()) / context.world_size
-            validation = {"dice": math.nan, "hd95": math.nan}
-            due = epoch % config.validation.every_epochs == 0 or epoch == state["epochs"]
-            if context.is_main and val_cases and due:
-                network.eval()
-                predictor = torch_predictor(network, torch_device, config.optim.amp)
-                validation = validate_cases(
-                    predictor,
-                    val_cases,
-                    plan,
-                    config.validation.tile_step,
-                    config.validation.batch_size,
-                )
-            validation = context.broadcast(validation)
-            # Without validation cases, the training loss stands in for model selection.
-            score = validation["dice"] if val_cases else -train_loss
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                if not math.isnan(score):
-                    scheduler.step(score)
-            else:
-                scheduler.step()
-            improved = not math.isnan(score) and score > state["best_dice"]
-            if improved:
-                state.update(best_dice=score, best_epoch=epoch, stale_epochs=0)
-            elif not math.isnan(score):
-                state["stale_epochs"] += 1
-            record = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_dice": validation["dice"],
-                "val_hd95": validation["hd95"],
-                "lr": lr,
-                "seconds": time.perf_counter() - started,
-            }
-            state["history"].append(record)
-            state["epoch"] = epoch
-            if context.is_main:
-                best = out_dir / BEST_CHECKPOINT
-                if improved or (state["best_epoch"] == 0 and not best.is_file()):
-                    # No score yet (validation without tumor): the latest weights stand in.
-                    _save_atomically(
-                        {"network": network.state_dict(), "epoch": epoch, "score": score}, best
-                    )
-                _save_atomically(
-                    {
-                        "network": network.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "state": state,
-                    },
-                    last,
-                )
-                (out_dir / HISTORY_FILE).write_text(json.dumps(state["history"], indent=1))
-                plot_curves(state["history"], out_dir / CURVES_FILE, f"fold {fold}")
-                for key in ("train_loss", "val_dice", "val_hd95", "lr"):
-                    if not math.isnan(record[key]):
-                        writer.add_scalar(key, record[key], epoch)
-                writer.flush()
-                log.info(
-                    "fold %d epoch %d: loss %.4f, val Dice %.4f, lr %.2e, %.1fs",
-                    fold,
-                    epoch,
-                    train_loss,
-                    validation["dice"],
-                    record["lr"],
-                    record["seconds"],
-                )
-            context.barrier()  # the checkpoint is complete before any process goes on
-        stopped_early = state["stale_epochs"] >= patience
-        if stopped_early:
-            log.info("fold %d: no improvement for %d epochs, stopped", fold, patience)
+        stopped_early = run.train(val_cases, writer)
     finally:
         if writer is not None:
             writer.close()
@@ -647,6 +496,295 @@ def _train(
         state["epochs"] < config.optim.epochs,
         init_report,
     )
+
+
+def _fresh_state(config: TrainingConfig) -> dict:
+    """A run's progress before its first epoch; `last.pt` carries it from epoch to epoch."""
+    return {
+        "epoch": 0,
+        "epochs": config.optim.epochs,  # lowered under optim.time_limit_minutes
+        "best_dice": -math.inf,
+        "best_epoch": 0,
+        "stale_epochs": 0,
+        "history": [],
+    }
+
+
+def _last_checkpoint(out_dir: Path, fold: int) -> dict | None:
+    """What `--resume` continues from: `out_dir/last.pt`, or None when there is none."""
+    last = out_dir / LAST_CHECKPOINT
+    if not last.is_file():
+        log.info("fold %d: nothing to resume in %s, starting afresh", fold, out_dir)
+        return None
+    return torch.load(last, map_location="cpu", weights_only=False)
+
+
+def _resume_from(
+    checkpoint: dict, network: torch.nn.Module, config: TrainingConfig, out_dir: Path, fold: int
+) -> tuple[dict, dict | None]:
+    """The weights, progress and fine-tuning report of the interrupted run; the optimiser,
+    schedule and scaler are restored once they exist (`_FoldRun`)."""
+    network.load_state_dict(checkpoint["network"])
+    state = checkpoint["state"]
+    if config.optim.time_limit_minutes is None or "epochs" not in state:
+        state["epochs"] = config.optim.epochs  # a longer configuration continues the run
+    log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
+    init_file = out_dir / INIT_REPORT
+    init_report = json.loads(init_file.read_text(encoding="utf-8")) if init_file.is_file() else None
+    return state, init_report
+
+
+def _start_afresh(
+    network: torch.nn.Module,
+    init: Path | None,
+    out_dir: Path,
+    fold: int,
+    context: DistributedContext,
+) -> dict | None:
+    """Loads the matching tensors of `init` (fine-tuning), then, on rank 0, clears `out_dir` of an
+    earlier run's files so that none is taken for this one's; the InitReport as a dict, if any."""
+    report = None
+    if init is not None:
+        # Before anything in out_dir changes: a wrong --init must not cost the earlier run.
+        report = load_matching_weights(network, Path(init))
+    init_report = asdict(report) if report is not None else None
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT, HISTORY_FILE, INIT_REPORT):
+            (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
+        if report is not None:
+            log.info("fold %d: %s", fold, report.summary())
+            for name, reason in report.skipped.items():
+                log.info("  kept initialisation: %s (%s)", name, reason)
+            atomic_write_text(out_dir / INIT_REPORT, json.dumps(init_report, indent=1) + "\n")
+    return init_report
+
+
+def _optimisation(
+    config: TrainingConfig,
+    network: torch.nn.Module,
+    device: torch.device,
+    epochs: Callable[[], int],
+    checkpoint: dict | None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler]:
+    """The optimiser, the learning-rate schedule (over `epochs()`, which the time limit may
+    lower) and the mixed-precision loss scaler, as `checkpoint` left them on a resumed run."""
+    optimizer = _optimizer(config, network.parameters())
+    scheduler = _scheduler(config, optimizer, epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.optim.amp and device.type == "cuda")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+    return optimizer, scheduler, scaler
+
+
+class _FoldRun:
+    """The epochs of one fold once its starting weights are set. Holds what every epoch shares:
+    the network on its device, the model that trains it (DDP-wrapped across processes), the
+    optimiser, schedule and scaler (restored from `checkpoint` on a resumed run), this process's
+    share of each epoch's patches, and `state`, the progress that `last.pt` records."""
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        plan: Plan,
+        fold: int,
+        out_dir: Path,
+        device: torch.device,
+        context: DistributedContext,
+        network: torch.nn.Module,
+        loss_function: torch.nn.Module,
+        state: dict,
+        checkpoint: dict | None,
+        train_cases: Sequence[CachedCase],
+        progress: bool,
+    ) -> None:
+        self.config, self.plan, self.fold, self.out_dir = config, plan, fold, out_dir
+        self.device, self.context, self.progress = device, context, progress
+        self.loss_function = loss_function
+        self.state = state
+        self.layout = memory_layout(config)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = config.optim.cudnn_benchmark
+        self.network = network.to(device, memory_format=self.layout)
+        self.optimizer, self.scheduler, self.scaler = _optimisation(
+            config, self.network, device, lambda: state["epochs"], checkpoint
+        )
+        self.model = self.network
+        if context.world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.network, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.dataset = PatchDataset(train_cases, config, plan, fold)
+        self.indices = rank_indices(
+            len(self.dataset), context.rank, context.world_size, config.sampling.batch_size
+        )
+
+    def train(self, val_cases: Sequence[CachedCase], writer: SummaryWriter | None) -> bool:
+        """Epochs until the planned count or `optim.patience` epochs without improvement;
+        whether it stopped early. `writer` is rank 0's TensorBoard log (None elsewhere)."""
+        patience = self.config.optim.patience
+        state = self.state
+        while state["epoch"] < state["epochs"] and state["stale_epochs"] < patience:
+            self._epoch(val_cases, writer)
+        stopped_early = state["stale_epochs"] >= patience
+        if stopped_early:
+            log.info("fold %d: no improvement for %d epochs, stopped", self.fold, patience)
+        return stopped_early
+
+    def _epoch(self, val_cases: Sequence[CachedCase], writer: SummaryWriter | None) -> None:
+        """Train, validate, update the schedule and the best epoch; rank 0 saves the result."""
+        epoch = self.state["epoch"] + 1
+        if self.config.optim.time_limit_minutes is not None:
+            self._replan_epochs()
+        started = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
+        train_loss = self._train_epoch(epoch)
+        validation = self._validate(val_cases, epoch)
+        # Without validation cases, the training loss stands in for model selection.
+        score = validation["dice"] if val_cases else -train_loss
+        self._step_schedule(score)
+        improved = self._track_best(score, epoch)
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_dice": validation["dice"],
+            "val_hd95": validation["hd95"],
+            "lr": lr,
+            "seconds": time.perf_counter() - started,
+        }
+        self.state["history"].append(record)
+        self.state["epoch"] = epoch
+        if self.context.is_main:
+            self._save_checkpoints(epoch, score, improved)
+            self._report(record, writer)
+        self.context.barrier()  # the checkpoint is complete before any process goes on
+
+    def _replan_epochs(self) -> None:
+        """Under optim.time_limit_minutes, the epoch count that fits, as rank 0 measured it."""
+        seconds = [h["seconds"] for h in self.state["history"]]
+        planned = self.context.broadcast(planned_epochs(self.config, seconds))
+        if planned != self.state["epochs"] and self.context.is_main:
+            log.info("fold %d: %d epochs fit in the time limit", self.fold, planned)
+        self.state["epochs"] = planned
+
+    def _train_epoch(self, epoch: int) -> float:
+        """One pass over this process's patches of `epoch`; the mean loss over all processes."""
+        self.dataset.epoch = epoch
+        loader = epoch_loader(
+            self.dataset,
+            self.indices,
+            self.config.sampling.batch_size,
+            self.config.sampling.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.model.train()
+        losses = []
+        bar = tqdm(
+            loader,
+            desc=f"fold {self.fold} epoch {epoch}",
+            unit="batch",
+            disable=not (self.progress and self.context.is_main),
+            leave=False,
+        )
+        for images, labels in bar:
+            losses.append(self._step(images, labels))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        train_loss = float(np.mean(losses)) if losses else math.nan
+        if self.context.world_size > 1:
+            total = torch.tensor([train_loss], dtype=torch.float64, device=self.device)
+            dist.all_reduce(total)
+            train_loss = float(total.item()) / self.context.world_size
+        return train_loss
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One optimiser step on a batch (mixed precision, clipped gradients); its loss."""
+        images = images.to(self.device, non_blocking=True, memory_format=self.layout)
+        labels = labels.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with _autocast(self.device, self.config.optim.amp):
+            outputs = self.model(images)
+        loss = self.loss_function(outputs, labels)  # in float32 (the losses upcast)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    def _validate(self, val_cases: Sequence[CachedCase], epoch: int) -> dict[str, float]:
+        """Dice and HD95 on whole validation cases, by rank 0 and shared with the others; NaN
+        between every `validation.every_epochs` (the last epoch always validates)."""
+        validation = {"dice": math.nan, "hd95": math.nan}
+        due = epoch % self.config.validation.every_epochs == 0 or epoch == self.state["epochs"]
+        if self.context.is_main and val_cases and due:
+            self.network.eval()
+            predictor = torch_predictor(self.network, self.device, self.config.optim.amp)
+            validation = validate_cases(
+                predictor,
+                val_cases,
+                self.plan,
+                self.config.validation.tile_step,
+                self.config.validation.batch_size,
+            )
+        return self.context.broadcast(validation)
+
+    def _step_schedule(self, score: float) -> None:
+        """Sets the next epoch's learning rate; the plateau schedule waits for a score."""
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if not math.isnan(score):
+                self.scheduler.step(score)
+        else:
+            self.scheduler.step()
+
+    def _track_best(self, score: float, epoch: int) -> bool:
+        """Whether `score` beats the best so far; counts the epochs without improvement."""
+        improved = not math.isnan(score) and score > self.state["best_dice"]
+        if improved:
+            self.state.update(best_dice=score, best_epoch=epoch, stale_epochs=0)
+        elif not math.isnan(score):
+            self.state["stale_epochs"] += 1
+        return improved
+
+    def _save_checkpoints(self, epoch: int, score: float, improved: bool) -> None:
+        """`best.pt` when the score improved, and `last.pt`, everything a resumed run needs."""
+        best = self.out_dir / BEST_CHECKPOINT
+        if improved or (self.state["best_epoch"] == 0 and not best.is_file()):
+            # No score yet (validation without tumor): the latest weights stand in.
+            _save_atomically(
+                {"network": self.network.state_dict(), "epoch": epoch, "score": score}, best
+            )
+        _save_atomically(
+            {
+                "network": self.network.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "state": self.state,
+            },
+            self.out_dir / LAST_CHECKPOINT,
+        )
+
+    def _report(self, record: dict, writer: SummaryWriter) -> None:
+        """The epoch in the history file, the curves, TensorBoard and the log."""
+        history = self.state["history"]
+        atomic_write_text(self.out_dir / HISTORY_FILE, json.dumps(history, indent=1))
+        plot_curves(history, self.out_dir / CURVES_FILE, f"fold {self.fold}")
+        for key in ("train_loss", "val_dice", "val_hd95", "lr"):
+            if not math.isnan(record[key]):
+                writer.add_scalar(key, record[key], record["epoch"])
+        writer.flush()
+        log.info(
+            "fold %d epoch %d: loss %.4f, val Dice %.4f, lr %.2e, %.1fs",
+            self.fold,
+            record["epoch"],
+            record["train_loss"],
+            record["val_dice"],
+            record["lr"],
+            record["seconds"],
+        )
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,8 +1,8 @@
 """Training-time sampling and augmentation: MONAI dictionary transforms over preprocessed arrays.
 
 Input: {"image": (1, Z, Y, X) float32, "label": (1, Z, Y, X) uint8} (already cropped, normalised
-and resampled by `pantherseg.preprocess`; no file reading here). Output: one patch of the plan's
-size per call, {"image": float32 tensor, "label": uint8 tensor}.
+and resampled by `pantherseg.inference.preprocess`; no file reading here). Output: one patch of
+the plan's size per call, {"image": float32 tensor, "label": uint8 tensor}.
 
 Stages (applied in nnU-Net's order: crop, spatial, intensity, mirroring):
 1. sampling: a patch centred on a random tumor voxel with probability `sampling.tumor_fraction`,
@@ -54,7 +54,7 @@ from monai.transforms import (
 )
 from monai.transforms.utils import create_rotate, create_scale
 
-from pantherseg.plan import KNOWN_CLASSES, Plan
+from pantherseg.inference.plan import KNOWN_CLASSES, Plan
 from training.config import AugmentationConfig, TrainingConfig
 
 TUMOR = KNOWN_CLASSES.index("tumor")

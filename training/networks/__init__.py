@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from pantherseg.plan import Plan
+from pantherseg.inference.plan import Plan
 from training.config import NetworkConfig
 from training.networks.attention_unet import AttentionUNet
 from training.networks.dynunet import DynUNetSegmenter

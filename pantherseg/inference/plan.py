@@ -1,8 +1,15 @@
 """The plan: every data-dependent decision of a trained model, in one versioned JSON file.
 
 Training writes `plan.json` next to the exported weights; inference only reads it. It is the sole
-contract between the two, so it is validated strictly on load: an unknown version, a missing field,
-a missing weight file or a weight file whose sha256 differs is an error naming the file.
+contract between the two, so it holds what inference reads and nothing else (where the weights came
+from, how they scored: the model card's `metadata.json`), and it is validated strictly on load: an
+unknown version or field, a missing field, a missing weight file or a weight file whose sha256
+differs is an error naming the file.
+
+Version 2 added the patient-axis order, the trained mirror axes with the test-time mirroring
+choice, the Gaussian's sigma, the precision, the component connectivity and the pancreas threshold,
+and dropped the free-form `training` section. A version 1 plan is refused with the command that
+converts it (`pantherseg upgrade-plan`).
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pantherseg.io import atomic_write_text
+from pantherseg.inference.files import atomic_write_text
 
 PLAN_FORMAT = "pantherseg-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+UPGRADE_HINT = "convert it with `pantherseg upgrade-plan {folder}`"
 PLAN_FILE = "plan.json"
 TASK_SOCKETS = {"task1": "abdominal-t1-mri", "task2": "abdominal-t2-mri"}
 OUTPUT_SOCKET = "pancreatic-tumor-segmentation"
@@ -25,6 +33,14 @@ NORMALIZATION_SCHEMES = ("zscore",)
 # channel per class, in the order of `classes`.
 OUTPUT_ACTIVATIONS = ("sigmoid", "softmax")
 KNOWN_CLASSES = ("background", "tumor", "pancreas")
+# Network precision on a GPU. "float16" lets TensorRT build half-precision engines; export writes it
+# only after checking that the network's half-precision logits match its float32 ones.
+PRECISIONS = ("float32", "float16")
+CONNECTIVITIES = (6, 18, 26)
+# How a run chooses test-time mirroring: as the plan says, or forced on or off.
+MIRRORING_CHOICES = ("plan", "on", "off")
+# Patient axes in ITK's LPS order: 0 left-right, 1 posterior-anterior, 2 inferior-superior.
+AXIAL_PATIENT_AXES = (2, 1, 0)
 
 
 class PlanError(ValueError):
@@ -54,7 +70,13 @@ class Resampling:
 
 @dataclass(frozen=True)
 class Preprocessing:
+    """`patient_axes_zyx`: the patient axis each array axis of the network's grid runs along.
+    Every image is transposed into this order first (and its output back), so that one physical
+    image gets one mask whatever the axis order of its file; the target spacing is in this order.
+    """
+
     target_spacing_zyx: tuple[float, float, float]
+    patient_axes_zyx: tuple[int, int, int] = AXIAL_PATIENT_AXES
     crop_to_nonzero: bool = True
     normalization: Normalization = field(default_factory=Normalization)
     resampling: Resampling = field(default_factory=Resampling)
@@ -68,28 +90,40 @@ class FoldWeights:
 
 @dataclass(frozen=True)
 class Inference:
+    """`mirror_axes` are the axes training mirrored, the only ones test-time mirroring may flip;
+    `test_time_mirroring` says whether inference does by default (cross-validation measures it).
+    Tiles are blended by a Gaussian of sigma = patch * `gaussian_sigma_scale`."""
+
     patch_size_zyx: tuple[int, int, int]
     folds: tuple[FoldWeights, ...]
     tile_step: float = 0.5
+    gaussian_sigma_scale: float = 0.125
     mirror_axes: tuple[int, ...] = ()
+    test_time_mirroring: bool = False
     batch_size: int = 2
     activation: str = "sigmoid"
     classes: tuple[str, ...] = ("tumor",)
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
 class PancreasGuidance:
-    """Keep a tumor component only if enough of it lies in the (dilated) predicted pancreas."""
+    """Keep a tumor component only if enough of it lies in the (dilated) predicted pancreas, the
+    voxels whose pancreas probability reaches `pancreas_threshold`."""
 
     enabled: bool = False
+    pancreas_threshold: float = 0.5
     dilation_mm: float = 10.0
     min_overlap: float = 0.15
 
 
 @dataclass(frozen=True)
 class Postprocessing:
+    """`connectivity`: 26 counts voxels touching at a corner as one lesion, 6 only at a face."""
+
     threshold: float = 0.5
     min_component_mm3: float = 0.0
+    connectivity: int = 26
     pancreas_guidance: PancreasGuidance = field(default_factory=PancreasGuidance)
     never_empty: bool = True
 
@@ -101,8 +135,6 @@ class Plan:
     inference: Inference
     postprocessing: Postprocessing = field(default_factory=Postprocessing)
     input_socket: str = ""
-    # Free-form provenance written by training (data, folds, cross-validation scores).
-    training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.input_socket and self.task in TASK_SOCKETS:
@@ -133,6 +165,10 @@ def _tuple_of(value: Any, kind: type, length: int | None, where: Path, name: str
     return tuple(kind(v) for v in value)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _section(data: dict, key: str, where: Path) -> dict:
     value = data.get(key, {})
     _require(isinstance(value, dict), where, f"'{key}' must be an object")
@@ -154,12 +190,21 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
     preprocessing before any weights exist, so it may ask for a plan without folds."""
     _require(isinstance(data, dict), where, "a plan must be a JSON object")
     _require(data.get("format") == PLAN_FORMAT, where, f"not a plan file (format != {PLAN_FORMAT})")
+    version = data.get("version")
     _require(
-        data.get("version") == PLAN_VERSION,
+        not (isinstance(version, int) and 1 <= version < PLAN_VERSION),
         where,
-        f"plan version {data.get('version')!r} is not supported (this pantherseg reads "
-        f"version {PLAN_VERSION})",
+        f"plan version {version} was written by an older pantherseg and is no longer read; "
+        + UPGRADE_HINT.format(folder=where.parent),
     )
+    _require(
+        version == PLAN_VERSION,
+        where,
+        f"plan version {version!r} is not supported (this pantherseg reads version "
+        f"{PLAN_VERSION}; a newer plan needs a newer pantherseg)",
+    )
+    unknown = set(data) - {"format", "version", *Plan.__dataclass_fields__}
+    _require(not unknown, where, f"unknown top-level field(s): {', '.join(sorted(unknown))}")
     task = data.get("task")
     _require(task in TASK_SOCKETS, where, f"task must be one of {list(TASK_SOCKETS)}, got {task!r}")
 
@@ -184,12 +229,17 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         _require(order in range(6), where, "interpolation orders must be 0..5")
     spacing = _tuple_of(pre.get("target_spacing_zyx"), float, 3, where, "target_spacing_zyx")
     _require(all(s > 0 for s in spacing), where, "target_spacing_zyx must be positive")
+    axes = _tuple_of(
+        pre.get("patient_axes_zyx", AXIAL_PATIENT_AXES), int, 3, where, "patient_axes_zyx"
+    )
+    _require(sorted(axes) == [0, 1, 2], where, "patient_axes_zyx must be a permutation of 0, 1, 2")
     preprocessing = _build(
         Preprocessing,
         pre,
         where,
         "preprocessing",
         target_spacing_zyx=spacing,
+        patient_axes_zyx=axes,
         normalization=normalization,
         resampling=resampling,
     )
@@ -219,6 +269,22 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         classes=classes,
     )
     _require(0 < inference.tile_step <= 1, where, "tile_step must be in (0, 1]")
+    _require(
+        _is_number(inference.gaussian_sigma_scale) and inference.gaussian_sigma_scale > 0,
+        where,
+        "gaussian_sigma_scale must be a positive number",
+    )
+    _require(
+        isinstance(inference.test_time_mirroring, bool),
+        where,
+        "test_time_mirroring must be true or false",
+    )
+    _require(
+        not inference.test_time_mirroring or bool(mirror),
+        where,
+        "test_time_mirroring needs the mirror_axes the network was trained with",
+    )
+    _require(inference.precision in PRECISIONS, where, f"precision must be one of {PRECISIONS}")
     _require(inference.batch_size >= 1, where, "batch_size must be at least 1")
     _require(
         inference.activation in OUTPUT_ACTIVATIONS,
@@ -244,22 +310,24 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         Postprocessing, post, where, "postprocessing", pancreas_guidance=guidance
     )
     _require(0 < postprocessing.threshold < 1, where, "threshold must be in (0, 1)")
+    _require(
+        postprocessing.connectivity in CONNECTIVITIES,
+        where,
+        f"connectivity must be one of {CONNECTIVITIES}",
+    )
+    _require(0 < guidance.pancreas_threshold < 1, where, "pancreas_threshold must be in (0, 1)")
     _require(postprocessing.min_component_mm3 >= 0, where, "min_component_mm3 must be >= 0")
     _require(
         not guidance.enabled or "pancreas" in classes,
         where,
         "pancreas guidance needs a network that predicts the pancreas",
     )
-
-    training = data.get("training", {})
-    _require(isinstance(training, dict), where, "'training' must be an object")
     return Plan(
         task=task,
         preprocessing=preprocessing,
         inference=inference,
         postprocessing=postprocessing,
         input_socket=data.get("input_socket", ""),
-        training=training,
     )
 
 

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pantherseg.io import ImageError, strip_image_suffix
-from pantherseg.plan import OUTPUT_SOCKET, TASK_SOCKETS
+from pantherseg.inference.io import ImageError, strip_image_suffix
+from pantherseg.inference.plan import OUTPUT_SOCKET, TASK_SOCKETS
 
 INPUTS_JSON = "inputs.json"
 INPUT_SOCKETS = set(TASK_SOCKETS.values())

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pantherseg import metrics
-from pantherseg.io import (
+from pantherseg.inference.files import atomic_write_text
+from pantherseg.inference.io import (
     CHANNEL_SUFFIX,
     Geometry,
     ImageError,
-    atomic_write_text,
     list_images,
     read_image,
 )
 from pantherseg.parallel import parallel_map
+from pantherseg.scoring import metrics
 
 TUMOR_LABEL = 1  # training labels also carry pancreas = 2, which is not scored
 

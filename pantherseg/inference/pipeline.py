@@ -14,11 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pantherseg.io import check_inference_image, read_image, write_mask
-from pantherseg.plan import Plan, fold_paths, load_plan
-from pantherseg.postprocess import PostprocessReport, postprocess
-from pantherseg.preprocess import preprocess, restore
-from pantherseg.sliding_window import Predictor, averaged, mirrored, sliding_window_predict
+from pantherseg.inference.io import check_inference_image, read_image, write_mask
+from pantherseg.inference.plan import MIRRORING_CHOICES, Plan, fold_paths, load_plan
+from pantherseg.inference.postprocess import PostprocessReport, postprocess
+from pantherseg.inference.preprocess import preprocess, restore
+from pantherseg.inference.sliding_window import (
+    Predictor,
+    averaged,
+    mirrored,
+    sliding_window_predict,
+)
 
 log = logging.getLogger("pantherseg")
 
@@ -63,7 +68,7 @@ def class_probabilities(
         )
     out = {}
     if plan.inference.activation == "sigmoid":
-        out["tumor"] = 1.0 / (1.0 + np.exp(-logits[0]))
+        out["tumor"] = sigmoid(logits[0])
         return out
     peak = logits.max(axis=0)
     denominator = np.exp(logits - peak).sum(axis=0)
@@ -72,32 +77,66 @@ def class_probabilities(
     return out
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) without overflow: exp only ever sees non-positive numbers, so a logit of
+    -100 gives 3.7e-44 quietly instead of numpy's overflow warning on stderr."""
+    x = np.asarray(logits, dtype=np.float32)
+    small = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + small), small / (1.0 + small)).astype(np.float32)
+
+
+def mirror_axes_to_use(plan: Plan, mirroring: str = "plan") -> tuple[int, ...]:
+    """The axes test-time mirroring flips: the trained ones when the plan (by default) or the
+    user asks for mirroring; asking for it from a network trained without flips is an error."""
+    if mirroring not in MIRRORING_CHOICES:
+        raise ValueError(f"mirroring must be one of {MIRRORING_CHOICES}, got {mirroring!r}")
+    wanted = plan.inference.test_time_mirroring if mirroring == "plan" else mirroring == "on"
+    if wanted and not plan.inference.mirror_axes:
+        raise ValueError(
+            "test-time mirroring was asked for, but the plan lists no axes the network was "
+            "trained to mirror (inference.mirror_axes)"
+        )
+    return tuple(plan.inference.mirror_axes) if wanted else ()
+
+
 class Segmenter:
     """A loaded model: the plan and its fold predictors, ready to segment any number of cases."""
 
     def __init__(
-        self, plan: Plan, folds: Sequence[Predictor], description: str = "", on_gpu: bool = True
+        self,
+        plan: Plan,
+        folds: Sequence[Predictor],
+        description: str = "",
+        on_gpu: bool = True,
+        mirroring: str = "plan",
     ) -> None:
         if not folds:
             raise ValueError("a model needs at least one fold")
         self.plan = plan
         # Batching tiles pays on a GPU; on the CPU one tile at a time is faster and lighter.
         self.batch_size = plan.inference.batch_size if on_gpu else 1
-        self.description = description
         ensemble = averaged(list(folds)) if len(folds) > 1 else folds[0]
-        axes = plan.inference.mirror_axes
-        self.predictor = mirrored(ensemble, axes) if axes else ensemble
+        self.mirror_axes = mirror_axes_to_use(plan, mirroring)
+        self.predictor = mirrored(ensemble, self.mirror_axes) if self.mirror_axes else ensemble
+        flips = f"mirroring axes {list(self.mirror_axes)}" if self.mirror_axes else "no mirroring"
+        self.description = f"{description}; {flips}" if description else flips
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: Path, device: str = "auto", threads: int | None = None
+        cls,
+        model_dir: Path,
+        device: str = "auto",
+        threads: int | None = None,
+        mirroring: str = "plan",
     ) -> Segmenter:
         """Loads and checks the plan and every fold's ONNX weights."""
-        from pantherseg.engines import EngineError, OnnxEngine
+        from pantherseg.inference.engines import EngineError, OnnxEngine
 
         plan = load_plan(model_dir)
+        half = plan.inference.precision == "float16"
         engines = [
-            OnnxEngine(path, device=device, threads=threads) for path in fold_paths(plan, model_dir)
+            OnnxEngine(path, device=device, threads=threads, allow_fp16=half)
+            for path in fold_paths(plan, model_dir)
         ]
         for engine, path in zip(engines, fold_paths(plan, model_dir), strict=True):
             if engine.patch_size not in (None, plan.inference.patch_size_zyx):
@@ -109,12 +148,19 @@ class Segmenter:
                 raise EngineError(f"{path}: the network takes {engine.in_channels} channels, not 1")
         providers = sorted({engine.provider for engine in engines})
         description = f"{len(engines)} fold(s) from {model_dir} on {', '.join(providers)}"
-        return cls(plan, engines, description, on_gpu=providers != ["CPUExecutionProvider"])
+        return cls(
+            plan,
+            engines,
+            description,
+            on_gpu=providers != ["CPUExecutionProvider"],
+            mirroring=mirroring,
+        )
 
     def probabilities(
         self,
         image: np.ndarray,
         spacing_zyx: Sequence[float],
+        direction_xyz: Sequence[float],
         progress: bool = False,
         timings: Timings | None = None,
     ) -> dict[str, np.ndarray]:
@@ -125,7 +171,15 @@ class Segmenter:
         timings = timings if timings is not None else Timings()
         plan = self.plan
         with timings.stage("preprocess"):
-            data, record = preprocess(image, spacing_zyx, plan.preprocessing)
+            data, record = preprocess(
+                image, spacing_zyx, plan.preprocessing, direction_xyz=direction_xyz
+            )
+        if record.transpose != (0, 1, 2):
+            log.info(
+                "array axes transposed by %s into the plan's patient-axis order %s",
+                record.transpose,
+                plan.preprocessing.patient_axes_zyx,
+            )
         with timings.stage("network"):
             logits = sliding_window_predict(
                 data[np.newaxis],
@@ -133,6 +187,7 @@ class Segmenter:
                 plan.inference.patch_size_zyx,
                 step_fraction=plan.inference.tile_step,
                 batch_size=self.batch_size,
+                sigma_scale=plan.inference.gaussian_sigma_scale,
                 progress=progress,
             )
         del data
@@ -149,12 +204,14 @@ class Segmenter:
         self,
         image: np.ndarray,
         spacing_zyx: Sequence[float],
+        direction_xyz: Sequence[float],
         progress: bool = False,
         timings: Timings | None = None,
     ) -> Segmentation:
-        """The tumor mask of one image given as a (z, y, x) float32 array."""
+        """The tumor mask of one image given as a (z, y, x) float32 array with its file's spacing
+        and direction cosines."""
         timings = timings if timings is not None else Timings()
-        restored = self.probabilities(image, spacing_zyx, progress, timings)
+        restored = self.probabilities(image, spacing_zyx, direction_xyz, progress, timings)
         guided = self.plan.postprocessing.pancreas_guidance.enabled
         with timings.stage("postprocess"):
             mask, report = postprocess(
@@ -175,7 +232,9 @@ def segment_file(
         image = read_image(input_path)
         array = check_inference_image(image, input_path)
     spacing_zyx = tuple(reversed(image.GetSpacing()))
-    result = segmenter.segment(array, spacing_zyx, progress=progress, timings=timings)
+    result = segmenter.segment(
+        array, spacing_zyx, image.GetDirection(), progress=progress, timings=timings
+    )
     with timings.stage("write"):
         write_mask(result.mask, image, output_path)
     voxels = int(result.mask.sum())
@@ -185,7 +244,7 @@ def segment_file(
         voxels,
         voxels * float(np.prod(spacing_zyx)) / 1000,
         result.report.kept or (1 if result.report.fallback else 0),
-        f" [{result.report.fallback}]" if result.report.fallback else "",
+        f" [empty result avoided: {result.report.fallback}]" if result.report.fallback else "",
         timings.summary(),
     )
     return result

@@ -18,15 +18,17 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from pantherseg import __version__, metrics
-from pantherseg.evaluate import (
+from pantherseg import __version__
+from pantherseg.inference.files import atomic_output, atomic_write_text
+from pantherseg.inference.io import CHANNEL_SUFFIX, ImageError, list_images, read_image
+from pantherseg.scoring import metrics
+from pantherseg.scoring.evaluate import (
     STATUS_OK,
     TUMOR_LABEL,
     CaseResult,
     MethodEvaluation,
     rankings,
 )
-from pantherseg.io import CHANNEL_SUFFIX, ImageError, list_images, read_image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # the backend is chosen above, before pyplot loads
@@ -48,7 +50,8 @@ def _lps(image: sitk.Image) -> np.ndarray:
 
 
 def _save(fig: plt.Figure, path: Path) -> str:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path.name
 
@@ -365,7 +368,5 @@ def write_report(
         f"<!doctype html><html><head><meta charset='utf-8'><title>PANTHER evaluation"
         f"</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
     )
-    tmp = page.with_suffix(".html.tmp")
-    tmp.write_text(document, encoding="utf-8")
-    tmp.replace(page)
+    atomic_write_text(page, document)
     return page

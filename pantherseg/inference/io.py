@@ -6,13 +6,13 @@ to look at.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from pantherseg.inference.files import atomic_output
 
 IMAGE_SUFFIXES = (".nii.gz", ".mha", ".mhd", ".nii", ".nrrd")
 SPACING_TOLERANCE_MM = 1e-4  # the evaluation rejects larger spacing differences
@@ -105,25 +105,6 @@ def read_image(path: Path) -> sitk.Image:
     return image
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes a text file so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would,
-        # or a plan baked into the container is unreadable for its non-root user.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 MAX_VOXELS = 1024**3 // 2  # a 512 Mi-voxel volume is far beyond any abdominal MRI
 MAX_AXIS = 4096
 
@@ -170,12 +151,6 @@ def write_mask(mask: np.ndarray, reference: sitk.Image, path: Path) -> Path:
     differences = Geometry.of(reference).differences(Geometry.of(out), spacing_tol=0.0)
     if differences:
         raise ValueError(f"{path}: mask geometry differs from the input: {'; '.join(differences)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".partial-{path.name}")  # keeps the extension SimpleITK needs
-    try:
+    with atomic_output(path) as tmp:
         sitk.WriteImage(out, str(tmp), useCompression=True)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -7,20 +7,13 @@ diagonal as HD95 and MASD, which outweighs almost any false positive.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
-from pantherseg.plan import PancreasGuidance, Postprocessing
-
-log = logging.getLogger("pantherseg")
-
-# 26-connectivity: voxels touching at a corner belong to one lesion.
-_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
-PANCREAS_THRESHOLD = 0.5
+from pantherseg.inference.plan import PancreasGuidance, Postprocessing
 
 
 @dataclass
@@ -35,8 +28,10 @@ class PostprocessReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    return ndimage.label(mask, structure=_CONNECTIVITY)
+def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+    """Connected components; `connectivity` 6, 18 or 26 neighbours (face, edge, corner)."""
+    rank = {6: 1, 18: 2, 26: 3}[connectivity]
+    return ndimage.label(mask, structure=ndimage.generate_binary_structure(3, rank))
 
 
 def dilate_mm(mask: np.ndarray, spacing_zyx: Sequence[float], radius_mm: float) -> np.ndarray:
@@ -65,7 +60,7 @@ def _pancreas_overlap(
 ) -> np.ndarray | None:
     """Fraction of each component (index 1..count) inside the dilated pancreas; None when no
     pancreas was predicted, since then there is nothing to judge by."""
-    pancreas = pancreas_probability >= PANCREAS_THRESHOLD
+    pancreas = pancreas_probability >= guidance.pancreas_threshold
     if not pancreas.any():
         return None
     region = dilate_mm(pancreas, spacing_zyx, guidance.dilation_mm)
@@ -74,7 +69,7 @@ def _pancreas_overlap(
     return inside / np.maximum(sizes, 1)
 
 
-def _region_around_peak(probability: np.ndarray) -> np.ndarray:
+def _region_around_peak(probability: np.ndarray, connectivity: int) -> np.ndarray:
     """Voxels connected to the most probable voxel whose probability is at least half of its own;
     used only when no voxel passed the threshold."""
     peak = np.unravel_index(int(np.argmax(probability)), probability.shape)
@@ -83,7 +78,7 @@ def _region_around_peak(probability: np.ndarray) -> np.ndarray:
         single = np.zeros(probability.shape, dtype=bool)
         single[peak] = True
         return single
-    labels, _ = _components(probability >= peak_value / 2)
+    labels, _ = _components(probability >= peak_value / 2, connectivity)
     return labels == labels[peak]
 
 
@@ -96,7 +91,7 @@ def postprocess(
     """The uint8 {0, 1} tumor mask on the probability's grid, and what was done to get it."""
     report = PostprocessReport()
     candidates = tumor_probability >= settings.threshold
-    labels, count = _components(candidates)
+    labels, count = _components(candidates, settings.connectivity)
     report.components_found = count
     keep = np.ones(count + 1, dtype=bool)
     keep[0] = False
@@ -126,7 +121,6 @@ def postprocess(
             mask = labels == int(np.argmax(peaks)) + 1
             report.fallback = "kept the component with the highest peak probability"
         else:
-            mask = _region_around_peak(tumor_probability)
+            mask = _region_around_peak(tumor_probability, settings.connectivity)
             report.fallback = "nothing passed the threshold: kept the region around the peak"
-        log.warning("empty result avoided: %s", report.fallback)
     return mask.astype(np.uint8), report

@@ -45,12 +45,16 @@ def tensorrt_installed() -> bool:
     return False
 
 
-def select_providers(device: str, available: Sequence[str]) -> list[str | tuple[str, dict]]:
+def select_providers(
+    device: str, available: Sequence[str], allow_fp16: bool = False
+) -> list[str | tuple[str, dict]]:
     """The execution providers to request, best first, for a device choice.
 
-    'auto' takes the fastest present (TensorRT in fp16 with an engine cache, because building a
-    TensorRT engine takes minutes; then CUDA; then CPU); 'cuda' refuses to run on the CPU;
-    'cpu' never touches a GPU (reproducible tests, machines with a busy GPU).
+    'auto' takes the fastest present (TensorRT with an engine cache, because building a TensorRT
+    engine takes minutes; then CUDA; then CPU); 'cuda' refuses to run on the CPU; 'cpu' never
+    touches a GPU (reproducible tests, machines with a busy GPU). TensorRT builds half-precision
+    kernels only with `allow_fp16`, which the plan grants when export checked the network's
+    half-precision parity.
     """
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
@@ -60,7 +64,7 @@ def select_providers(device: str, available: Sequence[str]) -> list[str | tuple[
     if TENSORRT in available and tensorrt_installed():
         cache = Path(tempfile.gettempdir()) / "pantherseg-tensorrt-cache"
         options = {
-            "trt_fp16_enable": True,
+            "trt_fp16_enable": allow_fp16,
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
         }
@@ -86,7 +90,13 @@ class OnnxEngine:
     patch_size: tuple[int, int, int] | None
     in_channels: int
 
-    def __init__(self, model_path: Path, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        device: str = "auto",
+        threads: int | None = None,
+        allow_fp16: bool = False,
+    ) -> None:
         self.model_path = Path(model_path)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
@@ -97,7 +107,7 @@ class OnnxEngine:
         if not self.model_path.is_file():
             raise EngineError(f"{self.model_path}: model file not found")
         try:
-            providers = select_providers(device, ort.get_available_providers())
+            providers = select_providers(device, ort.get_available_providers(), allow_fp16)
         except EngineError as error:
             raise EngineError(f"{self.model_path}: {error}") from None
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from pantherseg.inference.files import atomic_output, atomic_write_text
 from pantherseg.parallel import parallel_map
 
 __all__ = [
@@ -1495,27 +1494,9 @@ def case_file_names(case_id: str, task: str) -> tuple[str, str]:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
-def _atomic_write_image(image: sitk.Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.mha", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_json(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _write_image(image: sitk.Image, path: Path) -> None:
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
 
 
 def _write_case(job: tuple[Path, int, int, str, str, str]) -> dict:
@@ -1523,8 +1504,8 @@ def _write_case(job: tuple[Path, int, int, str, str, str]) -> dict:
     out_dir, seed, k, case_id, task, size = job
     phantom = generate_case(case_seed(seed, k), task=task, size=size)
     image_name, label_name = case_file_names(case_id, task)
-    _atomic_write_image(phantom.image, out_dir / "ImagesTr" / image_name)
-    _atomic_write_image(phantom.label, out_dir / "LabelsTr" / label_name)
+    _write_image(phantom.image, out_dir / "ImagesTr" / image_name)
+    _write_image(phantom.label, out_dir / "LabelsTr" / label_name)
     return {
         "case_id": case_id,
         "image": f"ImagesTr/{image_name}",
@@ -1548,8 +1529,8 @@ def write_dataset(
     """Writes out_dir/ImagesTr/<image name> and out_dir/LabelsTr/<label name> (compressed .mha via
     SimpleITK with useCompression=True), plus out_dir/phantoms.json (list of info dicts with
     'case_id', file names), case ids f'{first_id + k:05d}'. Progress bar via tqdm when progress is
-    True. Case k uses the seed derived from (seed, k). Each file is written atomically (temporary
-    name in the same folder, then os.replace) so an interrupted run leaves no half-written file.
+    True. Case k uses the seed derived from (seed, k). Each file is written atomically, so an
+    interrupted run leaves no half-written file.
     `jobs` processes generate cases side by side; the files are the same whatever the number.
     Returns the info list."""
     if task not in TASKS:
@@ -1570,5 +1551,5 @@ def write_dataset(
     for info in parallel_map(_write_case, cases, jobs, progress, f"phantoms {task}"):
         infos.append(info)
         # rewritten after every case so that an interrupted run still describes what it wrote
-        _atomic_write_json(infos, out_dir / "phantoms.json")
+        atomic_write_text(out_dir / "phantoms.json", json.dumps(infos, indent=1) + "\n")
     return infos

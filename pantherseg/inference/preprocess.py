@@ -1,8 +1,12 @@
 """Preprocessing and its inverse: the one implementation that training and inference share.
 
-Forward: crop to the image's nonzero box, normalise intensities, resample to the plan's spacing.
-Every step is recorded, so that `restore` maps a network output on the resampled grid back onto
-the input's exact voxel grid. Arrays stay in the file's (z, y, x) order: nothing is reoriented.
+Forward: transpose the array axes into the plan's patient-axis order, crop to the image's nonzero
+box, normalise intensities, resample to the plan's spacing. Every step is recorded, so that
+`restore` maps a network output on the resampled grid back onto the input's exact voxel grid.
+Nothing is reoriented: the transpose only reorders array axes (no flip, no interpolation), so a
+file whose slices lie along another array axis reaches the network as the same physical image,
+and its mask goes back in the file's own order (nnU-Net transposes the same way, by a fixed order
+from its plan; here the order comes from each image's direction cosines).
 
 Resampling is written on scipy.ndimage.zoom rather than SimpleITK because the anisotropic case
 needs different interpolation orders per axis (smooth in-plane, nearest or linear across thick
@@ -11,20 +15,23 @@ slices), which a single SimpleITK resampler cannot do.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from pantherseg.plan import Normalization, Preprocessing, Resampling
+from pantherseg.inference.plan import Normalization, Preprocessing, Resampling
 
 
 @dataclass(frozen=True)
 class PreprocessRecord:
-    """What `preprocess` did to one image, enough to undo it."""
+    """What `preprocess` did to one image, enough to undo it. `original_shape` is the input's
+    (file order); `transpose` takes it to the plan's axis order, in which every other field is."""
 
     original_shape: tuple[int, int, int]
+    transpose: tuple[int, int, int]
     crop_start: tuple[int, int, int]
     crop_stop: tuple[int, int, int]
     original_spacing_zyx: tuple[float, float, float]
@@ -38,6 +45,35 @@ class PreprocessRecord:
     @property
     def cropped_shape(self) -> tuple[int, int, int]:
         return tuple(b - a for a, b in zip(self.crop_start, self.crop_stop, strict=True))
+
+    @property
+    def transposed_shape(self) -> tuple[int, int, int]:
+        return tuple(self.original_shape[a] for a in self.transpose)
+
+    @property
+    def inverse_transpose(self) -> tuple[int, int, int]:
+        return tuple(int(a) for a in np.argsort(self.transpose))
+
+
+def patient_axes(direction_xyz: Sequence[float]) -> tuple[int, int, int]:
+    """The patient axis (0 left-right, 1 posterior-anterior, 2 inferior-superior) that each array
+    axis (z, y, x) runs along: of the six assignments, the one whose direction cosines are largest
+    in sum, so that an oblique image is assigned as its acquisition plane suggests."""
+    cosines = np.abs(np.asarray(direction_xyz, dtype=np.float64).reshape(3, 3))
+    # Column j of ITK's direction matrix is index axis j (x, y, z); array axis a is index axis 2-a.
+    return max(
+        itertools.permutations(range(3)),
+        key=lambda axes: sum(cosines[axes[a], 2 - a] for a in range(3)),
+    )
+
+
+def axis_transpose(
+    direction_xyz: Sequence[float], plan_axes: Sequence[int]
+) -> tuple[int, int, int]:
+    """The array transpose that brings an image with these direction cosines into the plan's
+    patient-axis order: `array.transpose(result)` runs along `plan_axes`."""
+    own = patient_axes(direction_xyz)
+    return tuple(own.index(axis) for axis in plan_axes)
 
 
 def nonzero_box(image: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -91,10 +127,14 @@ def resampled_shape(
 def through_plane_axis(
     spacing: Sequence[float], target_spacing: Sequence[float], threshold: float
 ) -> int | None:
-    """The thick-slice axis when either grid is anisotropic beyond `threshold`, else None."""
+    """The axis to resample on its own, nnU-Net's rule: the image's grid decides when it is
+    anisotropic beyond `threshold`, else the target's; the coarsest axis of the grid that decides,
+    and None when that grid's coarsest spacing is shared by two axes (a (0.5, 2, 2) grid has no
+    single thick axis) or when neither grid is anisotropic."""
     for grid in (spacing, target_spacing):
         if max(grid) / min(grid) > threshold:
-            return int(np.argmax(spacing))
+            coarsest = [axis for axis, s in enumerate(grid) if s == max(grid)]
+            return coarsest[0] if len(coarsest) == 1 else None
     return None
 
 
@@ -131,15 +171,24 @@ def resample(
 
 
 def preprocess(
-    image: np.ndarray, spacing_zyx: Sequence[float], settings: Preprocessing
+    image: np.ndarray,
+    spacing_zyx: Sequence[float],
+    settings: Preprocessing,
+    *,
+    direction_xyz: Sequence[float],
 ) -> tuple[np.ndarray, PreprocessRecord]:
-    """Network input (float32, on the target grid) and the record to map outputs back."""
+    """Network input (float32, on the target grid, in the plan's axis order) and the record to
+    map outputs back. `spacing_zyx` and `direction_xyz` are the image's, as in its file."""
     if image.ndim != 3:
         raise ValueError(f"expected a 3D array, got shape {image.shape}")
+    transpose = axis_transpose(direction_xyz, settings.patient_axes_zyx)
+    image = image.transpose(transpose)
+    spacing_zyx = [spacing_zyx[a] for a in transpose]
     start, stop = nonzero_box(image) if settings.crop_to_nonzero else ((0, 0, 0), image.shape)
     cropped = image[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
     record = PreprocessRecord(
-        original_shape=tuple(int(s) for s in image.shape),
+        original_shape=tuple(int(image.shape[a]) for a in np.argsort(transpose)),
+        transpose=transpose,
         crop_start=tuple(int(a) for a in start),
         crop_stop=tuple(int(b) for b in stop),
         original_spacing_zyx=tuple(float(s) for s in spacing_zyx),
@@ -165,7 +214,7 @@ def preprocess_label(label: np.ndarray, record: PreprocessRecord) -> np.ndarray:
     """
     if tuple(label.shape) != record.original_shape:
         raise ValueError(f"label shape {label.shape} differs from image {record.original_shape}")
-    cropped = label[record.crop]
+    cropped = label.transpose(record.transpose)[record.crop]
     if tuple(cropped.shape) == record.resampled_shape:
         return cropped.copy()
     values = [int(v) for v in np.unique(cropped)]
@@ -184,8 +233,9 @@ def preprocess_label(label: np.ndarray, record: PreprocessRecord) -> np.ndarray:
 def restore(
     probability: np.ndarray, record: PreprocessRecord, resampling: Resampling
 ) -> np.ndarray:
-    """A probability map on the resampled grid, back on the input's full grid (zero outside the
-    crop), as float32. Probabilities vary smoothly, so one interpolation order serves all axes."""
+    """A probability map on the resampled grid, back on the input's full grid in the file's axis
+    order (zero outside the crop), as float32. Probabilities vary smoothly, so one interpolation
+    order serves all axes."""
     if tuple(probability.shape) != record.resampled_shape:
         raise ValueError(
             f"probability shape {probability.shape} differs from the preprocessed grid "
@@ -196,6 +246,6 @@ def restore(
         record.cropped_shape,
         resampling.probability_order,
     )
-    full = np.zeros(record.original_shape, dtype=np.float32)
+    full = np.zeros(record.transposed_shape, dtype=np.float32)
     full[record.crop] = np.clip(back, 0.0, 1.0)
-    return full
+    return np.ascontiguousarray(full.transpose(record.inverse_transpose))

@@ -1,0 +1,1 @@
+"""The challenge's metrics, evaluation of prediction folders, ranking and the HTML report."""

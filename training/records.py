@@ -1,0 +1,103 @@
+"""Typed files of a work folder that later steps read back: what planning found and what
+cross-validation chose. They are workflow state and provenance, not the plan: `plan.json` holds
+only what inference reads, and export copies these into the model card's `metadata.json`.
+
+    <work>/planning.json           the planner's figures and the training data's description
+    <work>/cross_validation.json   folds, the chosen post-processing and every variant's scores
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pantherseg.inference.files import atomic_write_text
+
+PLANNING_FILE = "planning.json"
+CROSS_VALIDATION_FILE = "cross_validation.json"
+# Names of post-processing variants scored on the mirrored out-of-fold predictions start so.
+MIRRORED_PREFIX = "mirrored_"
+
+
+class RecordError(ValueError):
+    """A work-folder record that is missing pieces or was written by something else."""
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"{path}: cannot be read ({error})") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: expected a JSON object")
+    return data
+
+
+def _write(path: Path, record: Any) -> Path:
+    atomic_write_text(path, json.dumps(asdict(record), indent=1) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class Planning:
+    """What `plan` found: the planner's figures (medians, memory estimate, topology) and where
+    the training data came from (its folder's name, never the machine's absolute path)."""
+
+    figures: dict[str, Any]
+    data: dict[str, Any]
+
+    def save(self, work: Path) -> Path:
+        return _write(Path(work) / PLANNING_FILE, self)
+
+    @classmethod
+    def load(cls, work: Path) -> Planning:
+        path = Path(work) / PLANNING_FILE
+        data = _read(path)
+        if not isinstance(data.get("figures"), dict) or not isinstance(data.get("data"), dict):
+            raise RecordError(f"{path}: expected objects 'figures' and 'data'")
+        return cls(figures=data["figures"], data=data["data"])
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """What `cv` chose: how many folds were trained (export and pseudo-labelling take exactly
+    these), the post-processing variant picked, whether test-time mirroring is used, and every
+    variant's out-of-fold aggregates."""
+
+    folds: int
+    selected: str
+    test_time_mirroring: bool
+    aggregates: dict[str, Any]
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def save(self, work: Path) -> Path:
+        return _write(Path(work) / CROSS_VALIDATION_FILE, self)
+
+    @classmethod
+    def load(cls, work: Path) -> CrossValidation | None:
+        """The work folder's record, or None when cross-validation has not run."""
+        path = Path(work) / CROSS_VALIDATION_FILE
+        if not path.is_file():
+            return None
+        data = _read(path)
+        try:
+            record = cls(
+                folds=data["folds"],
+                selected=data["selected"],
+                test_time_mirroring=data["test_time_mirroring"],
+                aggregates=data["aggregates"],
+                variants=data.get("variants", {}),
+            )
+        except KeyError as error:
+            raise RecordError(
+                f"{path}: no {error}; run `python -m training cv --resume` again"
+            ) from None
+        ok = isinstance(record.folds, int) and not isinstance(record.folds, bool)
+        ok = ok and record.folds >= 1 and isinstance(record.selected, str)
+        ok = ok and isinstance(record.test_time_mirroring, bool)
+        ok = ok and isinstance(record.aggregates, dict) and isinstance(record.variants, dict)
+        if not ok:
+            raise RecordError(f"{path}: a field has the wrong type")
+        return record
