@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pantherseg.inference import engines
 from pantherseg.inference.engines import EngineError, OnnxEngine, select_providers
+from pantherseg.inference.gpu import GpuReport
 from pantherseg.inference.sliding_window import mirrored, sliding_window_predict
 
 RNG = np.random.default_rng(1)
@@ -72,7 +73,13 @@ def fixed_model(tmp_path: Path) -> Path:
 # --- select_providers ----------------------------------------------------------------------------
 
 
-def test_select_providers(monkeypatch) -> None:
+@pytest.fixture
+def usable_gpu(monkeypatch):
+    """The driver check says a GPU is there (this machine has none)."""
+    monkeypatch.setattr(engines, "cuda_report", lambda: GpuReport(True, "Test GPU, driver 1.0"))
+
+
+def test_select_providers(monkeypatch, usable_gpu) -> None:
     monkeypatch.setattr(engines, "tensorrt_installed", lambda: True)
     everything = [engines.TENSORRT, engines.CUDA, engines.CPU]
     auto = select_providers("auto", everything)
@@ -95,7 +102,7 @@ def test_select_providers(monkeypatch) -> None:
         select_providers("gpu", everything)
 
 
-def test_tensorrt_is_skipped_without_its_library(monkeypatch) -> None:
+def test_tensorrt_is_skipped_without_its_library(monkeypatch, usable_gpu) -> None:
     monkeypatch.setattr(engines, "tensorrt_installed", lambda: False)
     everything = [engines.TENSORRT, engines.CUDA, engines.CPU]
     assert select_providers("auto", everything) == [engines.CUDA, engines.CPU]
@@ -188,7 +195,23 @@ def test_cuda_request_fails_without_cuda(dynamic_model: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
-def test_silent_cpu_fallback_is_caught(dynamic_model: Path, monkeypatch) -> None:
+def test_an_unusable_gpu_falls_back_to_the_cpu_with_one_line(monkeypatch, caplog) -> None:
+    """onnxruntime-gpu without a driver (or with one too old) would print errors on stderr; the
+    driver is asked first, 'auto' runs on the CPU saying why once, 'cuda' fails saying why."""
+    reason = "no NVIDIA driver in reach (libcuda.so.1 not found; docker needs --gpus all)"
+    monkeypatch.setattr(engines, "cuda_report", lambda: GpuReport(False, reason))
+    engines._log_once.cache_clear()
+    everything = [engines.TENSORRT, engines.CUDA, engines.CPU]
+    with caplog.at_level(logging.INFO, logger="pantherseg"):
+        for _ in range(3):  # three folds
+            assert select_providers("auto", everything) == [engines.CPU]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"no usable GPU: {reason}; the network runs on the CPU"]
+    with pytest.raises(EngineError, match="CUDA was requested but cannot run: no NVIDIA driver"):
+        select_providers("cuda", everything)
+
+
+def test_silent_cpu_fallback_is_caught(dynamic_model: Path, monkeypatch, usable_gpu) -> None:
     """onnxruntime falls back to the CPU when the CUDA provider cannot load; pretend it is listed
     so that the session is created with CUDA requested, and check the fallback is detected."""
     if engines.CUDA in ort.get_available_providers():

@@ -7,6 +7,8 @@ command, everything kept in one work folder so that each step can be rerun or re
     python -m training export --work work/ --out model/
     python -m training all --data PANTHER_Task1 --work work/ --out model/
     python -m training card --model model/ --evaluation eval/summary.json --title "Held-out"
+    python -m training import-nnunet results/Dataset094_X/nnUNetTrainer__nnUNetPlans__3d_fullres \
+        --folds 0 1 2 --checkpoint final --out model/   # ship folds trained with nnU-Net v2
 
 Several GPUs: `torchrun --nproc_per_node 4 -m training train --work work/ --fold 0` (or `cv`);
 every process trains, rank 0 validates and writes, and `cv` predicts out-of-fold on rank 0 only.
@@ -466,6 +468,34 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_nnunet(args: argparse.Namespace) -> int:
+    from training.nnunet_import import ImportOptions, import_nnunet
+
+    options = ImportOptions(
+        configuration=args.configuration,
+        folds=tuple(args.folds) if args.folds else None,
+        checkpoint=args.checkpoint,
+        task=args.task,
+        tile_step=args.tile_step,
+        test_time_mirroring=not args.no_mirroring,
+        tumor_label=args.tumor_label,
+        pancreas_label=args.pancreas_label,
+        threshold=args.threshold,
+        min_component_mm3=args.min_component_mm3,
+        pancreas_guidance=args.pancreas_guidance,
+        never_empty=not args.allow_empty,
+    )
+    plan = import_nnunet(args.model_folder, args.out, options)
+    print(
+        f"imported {len(plan.inference.folds)} fold(s) into {args.out}: classes "
+        f"{list(plan.inference.classes)}, patch {plan.inference.patch_size_zyx} at spacing "
+        f"{plan.preprocessing.target_spacing_zyx} mm, test-time mirroring "
+        f"{'on' if plan.inference.test_time_mirroring else 'off'}, precision "
+        f"{plan.inference.precision}"
+    )
+    return 0
+
+
 def cmd_all(args: argparse.Namespace) -> int:
     for step in (cmd_plan, cmd_preprocess, cmd_cv, cmd_export):
         step(args)
@@ -534,6 +564,41 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--title", required=True, help="section title, e.g. 'Held-out cases'")
     card.add_argument("--note", help="a sentence above the table (data, seeds, commands)")
     card.set_defaults(run=cmd_card)
+    nnunet = sub.add_parser(
+        "import-nnunet", help="ship the folds of a trained nnU-Net v2 model (ONNX, plan.json, card)"
+    )
+    nnunet.add_argument(
+        "model_folder", type=Path, help="nnU-Net's <Trainer>__<Plans>__<configuration> folder"
+    )
+    nnunet.add_argument("--out", type=Path, required=True, help=model)
+    nnunet.add_argument(
+        "--configuration", help="nnU-Net configuration (default: from the folder's name)"
+    )
+    nnunet.add_argument(
+        "--folds", nargs="+", metavar="FOLD", help="folds to ship (default: every fold_<number>)"
+    )
+    nnunet.add_argument("--checkpoint", choices=["final", "best"], default="final")
+    nnunet.add_argument("--task", choices=["task1", "task2"], default="task1")
+    nnunet.add_argument("--tile-step", type=float, default=0.5, help="tile step, patch fraction")
+    nnunet.add_argument(
+        "--no-mirroring", action="store_true", help="no test-time mirroring (nnU-Net mirrors)"
+    )
+    nnunet.add_argument("--tumor-label", metavar="NAME", help="dataset.json label of the tumor")
+    nnunet.add_argument("--pancreas-label", metavar="NAME", help="label of the pancreas")
+    nnunet.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="tumor where its probability reaches T (default: nnU-Net's argmax)",
+    )
+    nnunet.add_argument("--min-component-mm3", type=float, default=0.0)
+    nnunet.add_argument(
+        "--pancreas-guidance", action="store_true", help="keep tumor near predicted pancreas"
+    )
+    nnunet.add_argument(
+        "--allow-empty", action="store_true", help="allow an empty mask (default: never empty)"
+    )
+    nnunet.set_defaults(run=cmd_import_nnunet)
     add(
         "all",
         cmd_all,
@@ -560,6 +625,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("training.cache", "CacheError"),
         ("training.export", "ExportError"),
         ("training.trainer", "DeviceError"),
+        ("training.nnunet_import", "NnunetImportError"),
     ):
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))

@@ -9,6 +9,7 @@ checked after the session is created, logged, and a CUDA request that did not ta
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import tempfile
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from pantherseg.inference.gpu import cuda_report
+
 logger = logging.getLogger("pantherseg")
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -26,6 +29,13 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _GPU_PROVIDERS = (TENSORRT, CUDA)
 _INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    """One line per process about the GPU, however many folds ask (stdout: grand-challenge
+    shows stderr as errors)."""
+    logger.info(message)
 
 
 class EngineError(RuntimeError):
@@ -60,6 +70,14 @@ def select_providers(
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if device == "cpu":
         return [CPU]
+    if any(p in available for p in _GPU_PROVIDERS):
+        report = cuda_report()
+        if not report.usable:
+            if device == "cuda":
+                raise EngineError(f"CUDA was requested but cannot run: {report.description}")
+            _log_once(f"no usable GPU: {report.description}; the network runs on the CPU")
+            return [CPU]
+        _log_once(f"GPU: {report.description}")
     providers: list[str | tuple[str, dict]] = []
     if TENSORRT in available and tensorrt_installed():
         cache = Path(tempfile.gettempdir()) / "pantherseg-tensorrt-cache"

@@ -17,7 +17,7 @@ import numpy as np
 from pantherseg.inference.io import check_inference_image, read_image, write_mask
 from pantherseg.inference.plan import MIRRORING_CHOICES, Plan, fold_paths, load_plan
 from pantherseg.inference.postprocess import PostprocessReport, postprocess
-from pantherseg.inference.preprocess import preprocess, restore
+from pantherseg.inference.preprocess import PreprocessRecord, preprocess, resample_back, uncrop
 from pantherseg.inference.sliding_window import (
     Predictor,
     averaged,
@@ -115,9 +115,16 @@ class Segmenter:
         self.plan = plan
         # Batching tiles pays on a GPU; on the CPU one tile at a time is faster and lighter.
         self.batch_size = plan.inference.batch_size if on_gpu else 1
-        ensemble = averaged(list(folds)) if len(folds) > 1 else folds[0]
         self.mirror_axes = mirror_axes_to_use(plan, mirroring)
-        self.predictor = mirrored(ensemble, self.mirror_axes) if self.mirror_axes else ensemble
+
+        def flipped(predictor: Predictor) -> Predictor:
+            return mirrored(predictor, self.mirror_axes) if self.mirror_axes else predictor
+
+        if plan.inference.stitching == "nnunet":
+            # nnU-Net stitches each fold on its own and averages the stitched logits.
+            self.predictors = [flipped(fold) for fold in folds]
+        else:  # one stitching pass: the folds' logits are averaged per tile
+            self.predictors = [flipped(averaged(list(folds)) if len(folds) > 1 else folds[0])]
         flips = f"mirroring axes {list(self.mirror_axes)}" if self.mirror_axes else "no mirroring"
         self.description = f"{description}; {flips}" if description else flips
 
@@ -181,24 +188,59 @@ class Segmenter:
                 plan.preprocessing.patient_axes_zyx,
             )
         with timings.stage("network"):
+            logits = self._stitched_logits(data[np.newaxis], progress)
+        del data
+        with timings.stage("restore"):
+            return self._restored(logits, record)
+
+    def _stitched_logits(self, volume: np.ndarray, progress: bool) -> np.ndarray:
+        """(K, Z, Y, X) logits on the network's grid. With nnU-Net's stitching every fold is
+        stitched on its own and the results are averaged in float16, as its predictor does."""
+        inference = self.plan.inference
+        total = None
+        for predictor in self.predictors:
             logits = sliding_window_predict(
-                data[np.newaxis],
-                self.predictor,
-                plan.inference.patch_size_zyx,
-                step_fraction=plan.inference.tile_step,
+                volume,
+                predictor,
+                inference.patch_size_zyx,
+                step_fraction=inference.tile_step,
                 batch_size=self.batch_size,
-                sigma_scale=plan.inference.gaussian_sigma_scale,
+                sigma_scale=inference.gaussian_sigma_scale,
+                stitching=inference.stitching,
                 progress=progress,
             )
-        del data
-        wanted = ["tumor", "pancreas"] if "pancreas" in plan.inference.classes else ["tumor"]
-        with timings.stage("restore"):
-            probabilities = class_probabilities(logits, plan, wanted)
+            if len(self.predictors) == 1:
+                return logits
+            half = logits.astype(np.float16)
+            total = half if total is None else total + half
+        assert total is not None
+        return (total / np.float16(len(self.predictors))).astype(np.float32)
+
+    def _restored(self, logits: np.ndarray, record: PreprocessRecord) -> dict[str, np.ndarray]:
+        """Tumor (and pancreas) probability on the input grid; with the argmax decision also
+        `argmax_tumor`, where tumor is the most probable class. Restoring logits resamples every
+        class's logits back (rounded to float16, as nnU-Net keeps them) before the activation."""
+        plan = self.plan
+        classes = plan.inference.classes
+        by_argmax = plan.postprocessing.decision == "argmax"
+        wanted = [c for c in classes if c != "background"] if not by_argmax else list(classes)
+        resampling = plan.preprocessing.resampling
+        if plan.inference.restore == "logits":
+            back = np.stack([resample_back(channel, record, resampling) for channel in logits])
             del logits
-            return {
-                name: restore(p, record, plan.preprocessing.resampling)
-                for name, p in probabilities.items()
+            cropped = class_probabilities(back.astype(np.float16).astype(np.float32), plan, wanted)
+        else:
+            cropped = {
+                name: np.clip(resample_back(p, record, resampling), 0.0, 1.0)
+                for name, p in class_probabilities(logits, plan, wanted).items()
             }
+        out = {
+            name: uncrop(cropped[name], record) for name in ("tumor", "pancreas") if name in cropped
+        }
+        if by_argmax:
+            winner = np.stack([cropped[name] for name in classes]).argmax(axis=0)
+            out["argmax_tumor"] = uncrop(winner == classes.index("tumor"), record)
+        return out
 
     def segment(
         self,
@@ -219,6 +261,7 @@ class Segmenter:
                 spacing_zyx,
                 self.plan.postprocessing,
                 restored.get("pancreas") if guided else None,
+                candidates=restored.get("argmax_tumor"),
             )
         return Segmentation(mask, report, timings)
 

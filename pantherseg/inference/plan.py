@@ -28,7 +28,8 @@ UPGRADE_HINT = "convert it with `pantherseg upgrade-plan {folder}`"
 PLAN_FILE = "plan.json"
 TASK_SOCKETS = {"task1": "abdominal-t1-mri", "task2": "abdominal-t2-mri"}
 OUTPUT_SOCKET = "pancreatic-tumor-segmentation"
-NORMALIZATION_SCHEMES = ("zscore",)
+# "none" passes intensities through as float32 (nnU-Net's NoNormalization).
+NORMALIZATION_SCHEMES = ("zscore", "none")
 # What the network's output channels mean. "sigmoid": one channel, tumor logit. "softmax": one
 # channel per class, in the order of `classes`.
 OUTPUT_ACTIVATIONS = ("sigmoid", "softmax")
@@ -39,6 +40,15 @@ PRECISIONS = ("float32", "float16")
 CONNECTIVITIES = (6, 18, 26)
 # How a run chooses test-time mirroring: as the plan says, or forced on or off.
 MIRRORING_CHOICES = ("plan", "on", "off")
+# How tiles are placed, weighted and summed: this project's way, or nnU-Net v2's exactly (for
+# imported nnU-Net models, whose masks must match nnU-Net's own predictor).
+STITCHINGS = ("pantherseg", "nnunet")
+# What is resampled back onto the input grid: class probabilities, or logits (nnU-Net), with the
+# activation applied afterwards.
+RESTORES = ("probabilities", "logits")
+# How a voxel becomes tumor: its tumor probability reaches `threshold`, or tumor is its most
+# probable class (nnU-Net's argmax).
+DECISIONS = ("threshold", "argmax")
 # Patient axes in ITK's LPS order: 0 left-right, 1 posterior-anterior, 2 inferior-superior.
 AXIAL_PATIENT_AXES = (2, 1, 0)
 
@@ -50,7 +60,8 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Normalization:
     """Per-image intensity normalisation. Percentile clipping tames MRI's arbitrary bright spots
-    before the z-score; `nonzero_only` computes the statistics inside the body only."""
+    before the z-score; `nonzero_only` computes the statistics inside the body only (the nonzero
+    voxels with their holes filled, nnU-Net's `use_mask_for_norm`) and leaves the rest at 0."""
 
     scheme: str = "zscore"
     clip_percentiles: tuple[float, float] | None = (0.5, 99.5)
@@ -66,6 +77,12 @@ class Resampling:
     probability_order: int = 1
     through_plane_order: int = 0
     anisotropy_threshold: float = 3.0
+    # None: network outputs go back with `probability_order` on every axis; a number: across the
+    # thick axis with this order, as nnU-Net resamples its probabilities.
+    probability_through_plane_order: int | None = None
+    # Keep the image's interpolation within the values it interpolates (per slice when the thick
+    # axis goes on its own), as nnU-Net's resampling does.
+    clip_image: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,8 @@ class Preprocessing:
 
     target_spacing_zyx: tuple[float, float, float]
     patient_axes_zyx: tuple[int, int, int] = AXIAL_PATIENT_AXES
+    # nnU-Net's rule instead: one transpose for every image (its plans' transpose_forward).
+    fixed_transpose: tuple[int, int, int] | None = None
     crop_to_nonzero: bool = True
     normalization: Normalization = field(default_factory=Normalization)
     resampling: Resampling = field(default_factory=Resampling)
@@ -104,6 +123,8 @@ class Inference:
     activation: str = "sigmoid"
     classes: tuple[str, ...] = ("tumor",)
     precision: str = "float32"
+    stitching: str = "pantherseg"
+    restore: str = "probabilities"
 
 
 @dataclass(frozen=True)
@@ -122,6 +143,7 @@ class Postprocessing:
     """`connectivity`: 26 counts voxels touching at a corner as one lesion, 6 only at a face."""
 
     threshold: float = 0.5
+    decision: str = "threshold"
     min_component_mm3: float = 0.0
     connectivity: int = 26
     pancreas_guidance: PancreasGuidance = field(default_factory=PancreasGuidance)
@@ -225,6 +247,7 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         resampling.image_order,
         resampling.probability_order,
         resampling.through_plane_order,
+        resampling.probability_through_plane_order or 0,
     ):
         _require(order in range(6), where, "interpolation orders must be 0..5")
     spacing = _tuple_of(pre.get("target_spacing_zyx"), float, 3, where, "target_spacing_zyx")
@@ -233,6 +256,10 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         pre.get("patient_axes_zyx", AXIAL_PATIENT_AXES), int, 3, where, "patient_axes_zyx"
     )
     _require(sorted(axes) == [0, 1, 2], where, "patient_axes_zyx must be a permutation of 0, 1, 2")
+    fixed = pre.get("fixed_transpose")
+    if fixed is not None:
+        fixed = _tuple_of(fixed, int, 3, where, "fixed_transpose")
+        _require(sorted(fixed) == [0, 1, 2], where, "fixed_transpose must permute 0, 1, 2")
     preprocessing = _build(
         Preprocessing,
         pre,
@@ -240,6 +267,7 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         "preprocessing",
         target_spacing_zyx=spacing,
         patient_axes_zyx=axes,
+        fixed_transpose=fixed,
         normalization=normalization,
         resampling=resampling,
     )
@@ -285,6 +313,13 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         "test_time_mirroring needs the mirror_axes the network was trained with",
     )
     _require(inference.precision in PRECISIONS, where, f"precision must be one of {PRECISIONS}")
+    _require(inference.stitching in STITCHINGS, where, f"stitching must be one of {STITCHINGS}")
+    _require(inference.restore in RESTORES, where, f"restore must be one of {RESTORES}")
+    _require(
+        inference.restore != "logits" or inference.activation == "softmax",
+        where,
+        "restoring logits needs a softmax network",
+    )
     _require(inference.batch_size >= 1, where, "batch_size must be at least 1")
     _require(
         inference.activation in OUTPUT_ACTIVATIONS,
@@ -310,6 +345,12 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         Postprocessing, post, where, "postprocessing", pancreas_guidance=guidance
     )
     _require(0 < postprocessing.threshold < 1, where, "threshold must be in (0, 1)")
+    _require(postprocessing.decision in DECISIONS, where, f"decision must be one of {DECISIONS}")
+    _require(
+        postprocessing.decision != "argmax" or inference.activation == "softmax",
+        where,
+        "the argmax decision needs a softmax network",
+    )
     _require(
         postprocessing.connectivity in CONNECTIVITIES,
         where,

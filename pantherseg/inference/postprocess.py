@@ -87,10 +87,21 @@ def postprocess(
     spacing_zyx: Sequence[float],
     settings: Postprocessing,
     pancreas_probability: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, PostprocessReport]:
-    """The uint8 {0, 1} tumor mask on the probability's grid, and what was done to get it."""
+    """The uint8 {0, 1} tumor mask on the probability's grid, and what was done to get it.
+
+    The tumor voxels before the component rules are those whose probability reaches the
+    threshold, or, with the argmax decision, `candidates` (where tumor is the likeliest class).
+    """
     report = PostprocessReport()
-    candidates = tumor_probability >= settings.threshold
+    if settings.decision == "argmax":
+        if candidates is None:
+            raise ValueError(
+                "the argmax decision needs the voxels where tumor is the likeliest class"
+            )
+    else:
+        candidates = tumor_probability >= settings.threshold
     labels, count = _components(candidates, settings.connectivity)
     report.components_found = count
     keep = np.ones(count + 1, dtype=bool)

@@ -89,16 +89,24 @@ def nonzero_box(image: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(starts), tuple(stops)
 
 
-def normalize(image: np.ndarray, settings: Normalization) -> np.ndarray:
-    """Per-image z-score after optional percentile clipping, as float32.
+def body_mask(image: np.ndarray) -> np.ndarray:
+    """The nonzero voxels with their enclosed holes filled: the body, as nnU-Net takes it."""
+    return ndimage.binary_fill_holes(image != 0)
 
-    With `nonzero_only` the statistics come from the body (nonzero voxels) and the background
+
+def normalize(image: np.ndarray, settings: Normalization) -> np.ndarray:
+    """Per-image z-score after optional percentile clipping, as float32 ("none": the values
+    themselves, as float32).
+
+    With `nonzero_only` the statistics come from the body (`body_mask`) and the background
     stays 0, so that a large empty field of view does not dilute them.
     """
+    if settings.scheme == "none":
+        return image.astype(np.float32, copy=True)
     if settings.scheme != "zscore":
         raise ValueError(f"unknown normalisation scheme {settings.scheme!r}")
     data = image.astype(np.float32, copy=True)
-    inside = data != 0 if settings.nonzero_only else None
+    inside = body_mask(data) if settings.nonzero_only else None
     sample = data[inside] if inside is not None else data.ravel()
     if sample.size == 0:
         sample = data.ravel()
@@ -158,16 +166,26 @@ def resample(
     order: int,
     through_plane: int | None = None,
     through_plane_order: int = 0,
+    clip: bool = False,
 ) -> np.ndarray:
-    """Resamples a 3D array to `new_shape`, separately across the thick-slice axis if given."""
+    """Resamples a 3D array to `new_shape`, separately across the thick-slice axis if given.
+
+    `clip` keeps the smooth (in-plane) interpolation within the values it interpolates, per
+    slice when the thick axis goes on its own: cubic splines overshoot at edges, and nnU-Net's
+    resampling (scikit-image's resize) clips them this way.
+    """
     new_shape = tuple(int(n) for n in new_shape)
     if tuple(array.shape) == new_shape:
         return array
     if through_plane is None:
-        return _zoom_axes(array, new_shape, (0, 1, 2), order)
+        out = _zoom_axes(array, new_shape, (0, 1, 2), order)
+        return np.clip(out, array.min(), array.max(), out=out) if clip else out
     in_plane = tuple(a for a in range(3) if a != through_plane)
-    array = _zoom_axes(array, new_shape, in_plane, order)
-    return _zoom_axes(array, new_shape, (through_plane,), through_plane_order)
+    resized = _zoom_axes(array, new_shape, in_plane, order)
+    if clip:
+        low, high = array.min(axis=in_plane, keepdims=True), array.max(axis=in_plane, keepdims=True)
+        resized = np.clip(resized, low, high)
+    return _zoom_axes(resized, new_shape, (through_plane,), through_plane_order)
 
 
 def preprocess(
@@ -181,7 +199,7 @@ def preprocess(
     map outputs back. `spacing_zyx` and `direction_xyz` are the image's, as in its file."""
     if image.ndim != 3:
         raise ValueError(f"expected a 3D array, got shape {image.shape}")
-    transpose = axis_transpose(direction_xyz, settings.patient_axes_zyx)
+    transpose = settings.fixed_transpose or axis_transpose(direction_xyz, settings.patient_axes_zyx)
     image = image.transpose(transpose)
     spacing_zyx = [spacing_zyx[a] for a in transpose]
     start, stop = nonzero_box(image) if settings.crop_to_nonzero else ((0, 0, 0), image.shape)
@@ -201,7 +219,12 @@ def preprocess(
     )
     normalized = normalize(cropped, settings.normalization)
     data = resample(
-        normalized, record.resampled_shape, rs.image_order, thick, rs.through_plane_order
+        normalized,
+        record.resampled_shape,
+        rs.image_order,
+        thick,
+        rs.through_plane_order,
+        clip=rs.clip_image,
     )
     return data.astype(np.float32, copy=False), record
 
@@ -230,22 +253,43 @@ def preprocess_label(label: np.ndarray, record: PreprocessRecord) -> np.ndarray:
     return out
 
 
+def resample_back(
+    values: np.ndarray, record: PreprocessRecord, resampling: Resampling
+) -> np.ndarray:
+    """A network output (probability or logit) on the resampled grid, back on the cropped input
+    grid, float32. Outputs vary smoothly, so one order serves all axes unless the resampling asks
+    for nnU-Net's rule (the thick axis on its own, `probability_through_plane_order`)."""
+    if tuple(values.shape) != record.resampled_shape:
+        raise ValueError(
+            f"network output shape {values.shape} differs from the preprocessed grid "
+            f"{record.resampled_shape}"
+        )
+    thick = None
+    if resampling.probability_through_plane_order is not None:
+        # From the network's grid back to the image's: the same rule, the grids swapped.
+        thick = through_plane_axis(
+            record.target_spacing_zyx, record.original_spacing_zyx, resampling.anisotropy_threshold
+        )
+    return resample(
+        values.astype(np.float32, copy=False),
+        record.cropped_shape,
+        resampling.probability_order,
+        thick,
+        resampling.probability_through_plane_order or 0,
+    )
+
+
+def uncrop(values: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+    """Values on the cropped grid, placed on the input's full grid (zero outside the crop) in the
+    file's own axis order."""
+    full = np.zeros(record.transposed_shape, dtype=values.dtype)
+    full[record.crop] = values
+    return np.ascontiguousarray(full.transpose(record.inverse_transpose))
+
+
 def restore(
     probability: np.ndarray, record: PreprocessRecord, resampling: Resampling
 ) -> np.ndarray:
     """A probability map on the resampled grid, back on the input's full grid in the file's axis
-    order (zero outside the crop), as float32. Probabilities vary smoothly, so one interpolation
-    order serves all axes."""
-    if tuple(probability.shape) != record.resampled_shape:
-        raise ValueError(
-            f"probability shape {probability.shape} differs from the preprocessed grid "
-            f"{record.resampled_shape}"
-        )
-    back = resample(
-        probability.astype(np.float32, copy=False),
-        record.cropped_shape,
-        resampling.probability_order,
-    )
-    full = np.zeros(record.transposed_shape, dtype=np.float32)
-    full[record.crop] = np.clip(back, 0.0, 1.0)
-    return np.ascontiguousarray(full.transpose(record.inverse_transpose))
+    order (zero outside the crop), as float32."""
+    return uncrop(np.clip(resample_back(probability, record, resampling), 0.0, 1.0), record)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from numpy.typing import DTypeLike
+from scipy import ndimage
 from tqdm import tqdm
 
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -53,6 +54,42 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1 / 
     if not nonzero.all():
         weights[~nonzero] = weights[nonzero].min()
     return weights
+
+
+def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> np.ndarray:
+    """nnU-Net v2's tile weights, value for value: a unit impulse at `patch // 2` smoothed by
+    scipy's Gaussian filter (truncated at four sigma), scaled to a peak of 10 and rounded to
+    float16, zeros raised to the smallest weight. Its imported models are matched exactly only
+    with these (the analytic map above is centred between voxels and never truncated)."""
+    patch = _check_patch(patch_size)
+    impulse = np.zeros(patch)
+    impulse[tuple(p // 2 for p in patch)] = 1
+    smoothed = ndimage.gaussian_filter(
+        impulse, [p * sigma_scale for p in patch], 0, mode="constant"
+    )
+    # Through float32, as torch converts: rounding twice differs from once in a few voxels.
+    weights = (smoothed / (smoothed.max() / 10)).astype(np.float32).astype(np.float16)
+    zero = weights == 0
+    if zero.any():
+        weights[zero] = weights[~zero].min()
+    return weights
+
+
+def nnunet_tile_starts(
+    shape: Sequence[int], patch_size: Sequence[int], step_fraction: float = 0.5
+) -> list[list[int]]:
+    """nnU-Net v2's tile positions: as many tiles as a step of `patch * step_fraction` needs,
+    spread evenly and rounded to the nearest voxel (`tile_starts` floors instead)."""
+    patch = _check_patch(patch_size)
+    step_fraction = _check_step_fraction(step_fraction)
+    starts = []
+    for size, p in zip(shape, patch, strict=True):
+        if size < p:
+            raise ValueError(f"shape {tuple(shape)} is smaller than patch {patch}; pad it first")
+        steps = int(np.ceil((size - p) / (p * step_fraction))) + 1
+        width = (size - p) / (steps - 1) if steps > 1 else 0.0
+        starts.append([int(np.round(width * i)) for i in range(steps)])
+    return starts
 
 
 def tile_starts(
@@ -91,6 +128,7 @@ def sliding_window_predict(
     batch_size: int = 1,
     sigma_scale: float = 1 / 8,
     accumulate_dtype: DTypeLike = np.float32,
+    stitching: str = "pantherseg",
     progress: bool = False,
 ) -> np.ndarray:
     """Logits for a whole (C, Z, Y, X) volume from a predictor that only handles patches.
@@ -101,6 +139,10 @@ def sliding_window_predict(
     normalisation) and the result is cropped back. Memory stays at one (K, Z, Y, X) accumulator
     and one (Z, Y, X) weight array of `accumulate_dtype` (float16 halves it, at ~1e-3 relative
     precision) plus one batch of patches.
+
+    `stitching="nnunet"` places and weights the tiles as nnU-Net v2 does (`nnunet_tile_starts`,
+    `nnunet_gaussian`) and accumulates and divides in float16 as its predictor does, so that an
+    imported nnU-Net model gives nnU-Net's logits.
     """
     volume = np.asarray(volume)
     if volume.ndim != 4 or min(volume.shape) < 1:
@@ -111,7 +153,9 @@ def sliding_window_predict(
         raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    acc_dtype = np.dtype(accumulate_dtype)
+    if stitching not in ("pantherseg", "nnunet"):
+        raise ValueError(f"stitching must be 'pantherseg' or 'nnunet', got {stitching!r}")
+    acc_dtype = np.dtype(np.float16 if stitching == "nnunet" else accumulate_dtype)
     if acc_dtype not in _ACCUMULATE_DTYPES:
         raise ValueError(f"accumulate_dtype must be float32 or float16, got {acc_dtype}")
 
@@ -119,15 +163,20 @@ def sliding_window_predict(
     padded, crop = _pad_to_patch(volume, patch)
     padded_shape = padded.shape[1:]
 
-    # Raise tiny border weights to what the accumulator can hold, so a voxel seen only by tile
-    # corners neither underflows to 0/0 in float16 nor loses all precision.
-    weights = gaussian_importance_map(patch, sigma_scale)
-    weights = np.maximum(weights, np.finfo(acc_dtype).eps).astype(np.float32)
+    if stitching == "nnunet":
+        weights = nnunet_gaussian(patch, sigma_scale).astype(np.float32)
+        placement = nnunet_tile_starts
+    else:
+        # Raise tiny border weights to what the accumulator can hold, so a voxel seen only by
+        # tile corners neither underflows to 0/0 in float16 nor loses all precision.
+        weights = gaussian_importance_map(patch, sigma_scale)
+        weights = np.maximum(weights, np.finfo(acc_dtype).eps).astype(np.float32)
+        placement = tile_starts
     weight_sum = np.zeros(padded_shape, dtype=acc_dtype)
     logit_sum: np.ndarray | None = None  # allocated once K is known from the first output
     weighted = None
 
-    tiles = list(itertools.product(*tile_starts(padded_shape, patch, step_fraction)))
+    tiles = list(itertools.product(*placement(padded_shape, patch, step_fraction)))
     batch = np.empty((min(batch_size, len(tiles)), channels, *patch), dtype=np.float32)
     with tqdm(total=len(tiles), disable=not progress, unit="tile", desc="sliding window") as bar:
         for chunk in _chunks(tiles, batch_size):
@@ -152,6 +201,8 @@ def sliding_window_predict(
     norm = weight_sum[crop]
     if acc_dtype == np.float32:
         result /= norm  # in place: the accumulator becomes the output, no second full copy
+    elif stitching == "nnunet":
+        result = (result / norm).astype(np.float32)  # divided in float16, as nnU-Net does
     else:
         result = np.divide(result, norm, dtype=np.float32)
     if spatial != list(padded_shape):

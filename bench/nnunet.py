@@ -1,0 +1,320 @@
+"""File-to-file CPU time and peak memory of an imported nnU-Net v2 model against nnU-Net itself.
+
+The issue on importing nnU-Net models promises the container runs a team's nnU-Net folds faster
+than nnU-Net does, at equal masks. This measures both on one median-size PANTHER Task 1 case:
+
+- ours: `python -m training import-nnunet <folder> --out <model> --no-mirroring`, then the
+  container's entrypoint `process.py --device cpu --threads N` (ONNX Runtime);
+- nnU-Net's: `nnUNetPredictor` (tile step 0.5, Gaussian, no mirroring, CPU) initialised from the
+  trained folder, `predict_from_files_sequential` on `<case>_0000.mha` (PyTorch). The sequential
+  variant runs the same preprocessing, network and export as `predict_from_files`, but in one
+  process: for a single case the worker processes overlap nothing, and one process has one peak.
+
+The model is the organisers' real baseline plan (3d_fullres, PlainConvUNet, patch 48 x 192 x 224)
+at full size, fold 0, with nnU-Net's random initialisation (timing does not depend on weights).
+Each side runs once, in a fresh child process; the wall time runs from spawning the interpreter
+to its exit after the mask is written, and the peak is the child's own VmHWM.
+
+    python -m bench.nnunet                      # median case, threads = usable cores
+    python -m bench.nnunet --shape 40 96 112    # quick check
+    python -m bench.nnunet --keep work/ --json nnunet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.inference import GRIDS, SPACING_ZYX
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGURATION = "3d_fullres"
+FOLD = 0
+CASE = "case"
+# Runs a script (`*.py`) or a module as __main__ and records the process's own peak RSS (VmHWM;
+# ru_maxrss of a child would start from the parent's peak, which Linux carries across exec).
+RUNNER = """
+import atexit, runpy, sys
+from pathlib import Path
+peak_file, target, *argv = sys.argv[1:]
+def record():
+    status = Path('/proc/self/status').read_text()
+    kib = next(int(l.split()[1]) for l in status.splitlines() if l.startswith('VmHWM'))
+    Path(peak_file).write_text(str(kib))
+atexit.register(record)
+sys.argv = [target, *argv]
+if target.endswith('.py'):
+    runpy.run_path(target, run_name='__main__')
+else:
+    runpy.run_module(target, run_name='__main__', alter_sys=True)
+"""
+# process.py's last log line: "<case>: ... tumor voxels ...; read 1.23s, preprocess 4.56s, ...".
+STAGE = re.compile(r"(\w+) (\d+\.\d+)s")
+
+
+def write_case(path: Path, shape: tuple[int, int, int]) -> None:
+    """A synthetic abdomen (body, organs, a tumor, texture, noise) on the plan's own spacing, so
+    that neither side resamples and the comparison is about inference alone."""
+    import SimpleITK as sitk
+
+    from pantherseg.phantoms.synthetic import generate_case
+
+    image = generate_case(0, "task1", shape_zyx=shape, direction="lps").image
+    image.SetSpacing(SPACING_ZYX[::-1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def build_trained_folder(root: Path) -> tuple[str, int]:
+    """nnU-Net's trained folder for the unshrunk baseline plans (runs in a spawned process, so
+    that torch never inflates this one); returns the folder and the parameter count."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "test"))
+    from nnunet_models import BASELINE_PLANS, trained_folder
+
+    plans = json.loads(BASELINE_PLANS.read_text())
+    plans.pop("README", None)  # the organisers' file carries a note nnU-Net does not expect
+    folder = trained_folder(root, plans, CONFIGURATION, folds=(FOLD,))
+    checkpoint = torch.load(
+        folder / f"fold_{FOLD}" / "checkpoint_final.pth", map_location="cpu", weights_only=False
+    )
+    parameters = sum(
+        v.numel() for v in checkpoint["network_weights"].values() if v.is_floating_point()
+    )
+    return str(folder), parameters
+
+
+def predict_with_nnunet(folder: Path, images: Path, out: Path, report: Path, threads: int) -> None:
+    """nnU-Net's own inference, timed by stage and written to `report` (the child's side)."""
+    started = time.perf_counter()
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    imported = time.perf_counter()
+    torch_default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=False,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(str(folder), (FOLD,), "checkpoint_final.pth")
+    initialised = time.perf_counter()
+    network = predictor.predict_logits_from_preprocessed_data
+    spent = {"network": 0.0}
+
+    def timed_network(data: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return network(data)
+        finally:
+            spent["network"] += time.perf_counter() - start
+
+    predictor.predict_logits_from_preprocessed_data = timed_network
+    predictor.predict_from_files_sequential(str(images), str(out), save_probabilities=False)
+    done = time.perf_counter()
+    stages = {
+        "import": imported - started,
+        "initialise": initialised - imported,
+        "preprocess+export": done - initialised - spent["network"],
+        "network": spent["network"],
+    }
+    report.write_text(json.dumps({"stages": stages, "torch_default_threads": torch_default}))
+
+
+def run_child(
+    target: str, argv: list[str], log: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Runs `target` in a fresh interpreter; its wall time and own peak RSS."""
+    peak_file = log.with_suffix(".peak")
+    command = [sys.executable, "-c", RUNNER, str(peak_file), target, *argv]
+    started = time.perf_counter()
+    with log.open("w") as output:
+        result = subprocess.run(
+            command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, env=env, check=False
+        )
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise RuntimeError(f"{target} exited with {result.returncode}; see {log}:\n{tail}")
+    return {"wall_s": wall, "peak_gib": int(peak_file.read_text()) / 1024**2}
+
+
+def process_py_stages(log: Path) -> dict[str, float]:
+    """Seconds per stage from process.py's log line for the case."""
+    lines = [line for line in log.read_text().splitlines() if "; total " in line]
+    if not lines:
+        return {}
+    stages = lines[-1].rsplit("; total ", 1)[0].rsplit("; ", 1)[-1]
+    return {name: float(seconds) for name, seconds in STAGE.findall(stages)}
+
+
+def agreement(ours_path: Path, theirs_path: Path, tumor_label: int) -> dict[str, float]:
+    """Share of equal voxels and tumor Dice between process.py's mask and nnU-Net's labels."""
+    import SimpleITK as sitk
+
+    from pantherseg.scoring.metrics import dice
+
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(ours_path))) > 0
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(theirs_path))) == tumor_label
+    return {
+        "equal_voxels": float((ours == theirs).mean()),
+        "tumor_dice": dice(theirs, ours),
+        "tumor_voxels_ours": int(ours.sum()),
+        "tumor_voxels_nnunet": int(theirs.sum()),
+    }
+
+
+def benchmark(work: Path, shape: tuple[int, int, int], threads: int) -> dict[str, Any]:
+    """Builds the model both ways, runs each side once and compares the masks."""
+    from pantherseg.inference.grand_challenge import output_mask_path
+    from pantherseg.inference.plan import TASK_SOCKETS
+
+    gc_input = work / "input"
+    image = gc_input / "images" / TASK_SOCKETS["task1"] / f"{CASE}.mha"
+    write_case(image, shape)
+    nnunet_input = work / "nnunet_input"
+    nnunet_input.mkdir(exist_ok=True)
+    (nnunet_input / f"{CASE}_0000.mha").write_bytes(image.read_bytes())
+
+    print("building nnU-Net's trained folder (unshrunk baseline plans, fold 0)...", flush=True)
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        folder, parameters = pool.submit(build_trained_folder, work / "results").result()
+    print("importing it: python -m training import-nnunet ... --no-mirroring", flush=True)
+    model = work / "model"
+    command = ["import-nnunet", folder, "--out", str(model), "--folds", str(FOLD)]
+    imported = subprocess.run(
+        [sys.executable, "-m", "training", *command, "--no-mirroring"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    (work / "import.log").write_text(imported.stdout + imported.stderr)
+    if imported.returncode != 0:
+        raise RuntimeError(f"import-nnunet failed; see {work / 'import.log'}")
+
+    print("running process.py...", flush=True)
+    gc_output = work / "output"
+    files = ["--input", str(gc_input), "--output", str(gc_output), "--model", str(model)]
+    ours = run_child(
+        str(ROOT / "process.py"),
+        [*files, "--device", "cpu", "--threads", str(threads)],
+        work / "process.log",
+    )
+    ours["stages"] = process_py_stages(work / "process.log")
+
+    print("running nnU-Net's predictor...", flush=True)
+    report = work / "nnunet.json"
+    child = ["--nnunet-child", folder, str(nnunet_input), str(work / "nnunet_output"), str(report)]
+    theirs = run_child(
+        "bench.nnunet",
+        [*child, "--threads", str(threads)],
+        work / "nnunet.log",
+        env={**os.environ, "nnUNet_def_n_proc": str(threads)},  # nnU-Net's own thread caps
+    )
+    theirs.update(json.loads(report.read_text()))
+
+    labels = json.loads((Path(folder) / "dataset.json").read_text())["labels"]
+    masks = agreement(
+        output_mask_path(gc_output, image), work / "nnunet_output" / f"{CASE}.mha", labels["tumor"]
+    )
+    return {
+        "shape_zyx": list(shape),
+        "spacing_zyx": list(SPACING_ZYX),
+        "parameters": parameters,
+        "threads": threads,
+        "torch_default_threads": theirs.pop("torch_default_threads"),
+        "process_py": ours,
+        "nnunet": theirs,
+        "masks": masks,
+        "speedup": theirs["wall_s"] / ours["wall_s"],
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The side-by-side table the issue asks for."""
+    z, y, x = result["shape_zyx"]
+    sz, sy, sx = result["spacing_zyx"]
+    print(
+        f"\ncase {z} x {y} x {x} (z, y, x) at {sz} x {sy} x {sx} mm, synthetic; model: baseline "
+        f"plans {CONFIGURATION} PlainConvUNet, {result['parameters'] / 1e6:.1f} M parameters, "
+        f"fold {FOLD}, no mirroring"
+    )
+    print(
+        f"threads: {result['threads']} for both (onnxruntime intra-op via process.py --threads; "
+        f"torch.set_num_threads and nnUNet_def_n_proc); defaults: onnxruntime one intra-op "
+        f"thread per physical core, torch {result['torch_default_threads']}"
+    )
+    header = f"{'':<34}{'wall s':>10}{'peak RSS GiB':>14}"
+    print(header)
+    print("-" * len(header))
+    for label, key in (
+        ("process.py (ONNX Runtime)", "process_py"),
+        ("nnU-Net (PyTorch)", "nnunet"),
+    ):
+        row = result[key]
+        print(f"{label:<34}{row['wall_s']:>10.1f}{row['peak_gib']:>14.2f}")
+    ours, theirs = result["process_py"], result["nnunet"]
+    memory = ours["peak_gib"] / theirs["peak_gib"]
+    print(f"{'speed-up (nnU-Net / process.py)':<34}{result['speedup']:>9.2f}x{memory:>13.2f}x")
+    masks = result["masks"]
+    dice = masks["tumor_dice"]
+    print(
+        f"masks: {masks['equal_voxels'] * 100:.4f} % of voxels equal, tumor Dice "
+        f"{'n/a (both empty)' if math.isnan(dice) else f'{dice:.4f}'} (tumor voxels: "
+        f"process.py {masks['tumor_voxels_ours']}, nnU-Net {masks['tumor_voxels_nnunet']})"
+    )
+    for label, row in (("process.py", ours), ("nnU-Net", theirs)):
+        stages = row.get("stages", {})
+        startup = row["wall_s"] - sum(stages.values())
+        parts = ", ".join(f"{name} {seconds:.2f}" for name, seconds in stages.items())
+        print(f"{label} seconds: {parts}; interpreter start and rest {startup:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
+    parser.add_argument(
+        "--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=GRIDS["median"]
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--nnunet-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.nnunet_child:
+        folder, images, out, report = map(Path, args.nnunet_child)
+        predict_with_nnunet(folder, images, out, report, args.threads)
+        return 0
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        result = benchmark(args.keep.resolve(), tuple(args.shape), args.threads)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = benchmark(Path(tmp), tuple(args.shape), args.threads)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
