@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import training.export as export_module
 import training.nnunet_import as nnunet_import
 from pantherseg.inference.engines import OnnxEngine
 from pantherseg.inference.plan import PLAN_FILE, PlanError, load_plan
@@ -404,14 +405,14 @@ def test_pancreas_guidance_needs_a_pancreas_and_options_are_checked_before_expor
 
 def test_a_failed_parity_removes_the_folds_already_written(tmp_path, monkeypatch):
     folder, _ = write_folder(tmp_path, folds=("0", "1"))
-    real = nnunet_import.parity
+    real = export_module.parity
     calls = []
 
     def second_fold_differs(network, path, batches):
         calls.append(path.name)
         return Parity(1.0, 0.1) if len(calls) == 2 else real(network, path, batches)
 
-    monkeypatch.setattr(nnunet_import, "parity", second_fold_differs)
+    monkeypatch.setattr(export_module, "parity", second_fold_differs)
     model = tmp_path / "model"
     with pytest.raises(ExportError, match=r"fold_1.*differs from PyTorch by 0\.1"):
         import_nnunet(folder, model, ImportOptions())

@@ -9,10 +9,11 @@ in float16 only when that difference is within its own tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,92 @@ def parity_batches(plan: Plan, real: Sequence[np.ndarray], seed: int = 0) -> lis
     return batches + [np.array(p, dtype=np.float32) for p in real]  # copies: mmaps are read-only
 
 
+def half_precision_difference(
+    network: torch.nn.Module, batches: Sequence[np.ndarray], name: str
+) -> float | None:
+    """`half_precision_parity`'s relative figure, or None where PyTorch's CPU kernels lack half
+    precision (average pooling, in residual encoders): unmeasured, so the plan keeps float32."""
+    try:
+        return half_precision_parity(network, batches).max_relative_difference
+    except NotImplementedError as error:
+        log.warning("%s: float16 not measurable on the CPU (%s); precision float32", name, error)
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedFold:
+    weights: FoldWeights
+    parity: Parity
+    half_difference: float | None  # relative float16 logit difference; None: not measurable
+
+
+def export_checked_fold(
+    network: torch.nn.Module,
+    plan: Plan,
+    path: Path,
+    batches: Sequence[np.ndarray],
+    tolerance: float,
+    opset: int,
+) -> ExportedFold:
+    """Exports one fold and checks it on `batches`: onnxruntime within `tolerance` of PyTorch's
+    logits (relative to their size; ExportError otherwise), and how far float16 strays (on the
+    last batch, a real patch when there are some)."""
+    export_onnx(network, plan, path, opset)
+    found = parity(network, path, batches)
+    log.info(
+        "%s: largest |torch - onnxruntime| logit difference %.2e (%.2e of the logits)",
+        path.name,
+        found.max_abs_difference,
+        found.max_relative_difference,
+    )
+    if not found.max_relative_difference <= tolerance:
+        raise ExportError(
+            f"{path.name}: onnxruntime differs from PyTorch by "
+            f"{found.max_relative_difference:.3g} of the largest logit "
+            f"({found.max_abs_difference:.3g}), more than the tolerance {tolerance}"
+        )
+    half = half_precision_difference(network, batches[-1:], path.name)
+    return ExportedFold(FoldWeights(path.name, sha256_of(path)), found, half)
+
+
+@contextlib.contextmanager
+def removed_on_failure() -> Iterator[list[Path]]:
+    """A list to put every written fold in: if the block fails, they all go, the ones that passed
+    their checks too, so that no half-exported model is left."""
+    written: list[Path] = []
+    try:
+        yield written
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def export_record(
+    exported: Sequence[ExportedFold], tolerance: float, fp16_tolerance: float, opset: int
+) -> tuple[dict[str, Any], bool]:
+    """The model card's `export` section, and whether half precision is allowed on a GPU: only
+    when every fold's float16 logits were measured within `fp16_tolerance`."""
+    half = {fold.weights.file: fold.half_difference for fold in exported}
+    fp16 = all(v is not None and v <= fp16_tolerance for v in half.values())
+    log.info(
+        "half precision: %s on a GPU (tolerance %s of the logits)",
+        "allowed" if fp16 else "not allowed",
+        fp16_tolerance,
+    )
+    record = {
+        "max_abs_difference": {f.weights.file: f.parity.max_abs_difference for f in exported},
+        "max_relative_difference": {
+            f.weights.file: f.parity.max_relative_difference for f in exported
+        },
+        "float16_max_relative_difference": half,
+        "tolerance": tolerance,
+        "float16_tolerance": fp16_tolerance,
+        "opset": opset,
+    }
+    return record, fp16
+
+
 def export_model(
     fold_checkpoints: Sequence[Path],
     config: TrainingConfig,
@@ -128,58 +215,31 @@ def export_model(
     model_dir = Path(model_dir)
     if not fold_checkpoints:
         raise ExportError("no fold checkpoints to export")
-    folds, absolute, relative, half, written = [], {}, {}, {}, []
-    try:
+    settings = config.export
+    exported = []
+    with removed_on_failure() as written:
         for index, checkpoint in enumerate(fold_checkpoints):
-            network = load_network(checkpoint, config, plan)
             path = model_dir / f"fold_{index}.onnx"
             written.append(path)
-            export_onnx(network, plan, path, config.export.opset)
-            found = parity(network, path, parity_batches(plan, real_patches, seed=index))
-            absolute[path.name] = found.max_abs_difference
-            relative[path.name] = found.max_relative_difference
-            log.info(
-                "%s: largest |torch - onnxruntime| logit difference %.2e (%.2e of the logits)",
-                path.name,
-                found.max_abs_difference,
-                found.max_relative_difference,
-            )
-            if not found.max_relative_difference <= config.export.tolerance:
-                raise ExportError(
-                    f"{path.name}: onnxruntime differs from PyTorch by "
-                    f"{found.max_relative_difference:.3g} of the largest logit "
-                    f"({found.max_abs_difference:.3g}), more than the tolerance "
-                    f"{config.export.tolerance}"
+            exported.append(
+                export_checked_fold(
+                    load_network(checkpoint, config, plan),
+                    plan,
+                    path,
+                    parity_batches(plan, real_patches, seed=index),
+                    settings.tolerance,
+                    settings.opset,
                 )
-            # One batch is enough to see overflow or lost precision; real patches when given.
-            probe = parity_batches(plan, real_patches[:1], seed=index)[-1:]
-            half[path.name] = half_precision_parity(network, probe).max_relative_difference
-            folds.append(FoldWeights(path.name, sha256_of(path)))
-    except BaseException:
-        # No half-exported model: every fold of this export goes, the ones that passed too.
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    fp16 = all(v <= config.export.fp16_tolerance for v in half.values())
-    log.info(
-        "half precision: largest logit difference %.2e of the logits; %s on a GPU",
-        max(half.values()),
-        "allowed" if fp16 else f"not allowed (tolerance {config.export.fp16_tolerance})",
+            )
+    export, fp16 = export_record(
+        exported, settings.tolerance, settings.fp16_tolerance, settings.opset
     )
-    record = {
-        **(provenance or {}),
-        "export": {
-            "max_abs_difference": absolute,
-            "max_relative_difference": relative,
-            "float16_max_relative_difference": half,
-            "float16_tolerance": config.export.fp16_tolerance,
-            "opset": config.export.opset,
-        },
-    }
+    record = {**(provenance or {}), "export": export}
+    folds = tuple(fold.weights for fold in exported)
     inference = dataclasses.replace(
-        plan.inference, folds=tuple(folds), precision="float16" if fp16 else "float32"
+        plan.inference, folds=folds, precision="float16" if fp16 else "float32"
     )
-    exported = dataclasses.replace(plan, inference=inference)
-    save_plan(exported, model_dir)
-    write_model_card(exported, config, model_dir, record)
-    return exported
+    result = dataclasses.replace(plan, inference=inference)
+    save_plan(result, model_dir)
+    write_model_card(result, config, model_dir, record)
+    return result

@@ -32,7 +32,6 @@ from pantherseg.inference.files import atomic_write_text
 from pantherseg.inference.plan import (
     OUTPUT_SOCKET,
     PLAN_FILE,
-    FoldWeights,
     Inference,
     Normalization,
     PancreasGuidance,
@@ -45,12 +44,12 @@ from pantherseg.inference.plan import (
     sha256_of,
 )
 from pantherseg.plan_upgrade import without_absolute_paths
+from training.config import ExportConfig
 from training.export import (
-    ExportError,
-    export_onnx,
-    half_precision_parity,
-    parity,
+    export_checked_fold,
+    export_record,
     parity_batches,
+    removed_on_failure,
 )
 from training.model_card import CARD_FILE, INTENDED_USE_HEADING, METADATA_FILE, _versions
 
@@ -68,9 +67,6 @@ PREPROCESSOR = "DefaultPreprocessor"
 # turns every image to RAS first, which our reader does not.
 READERS = ("SimpleITKIO", "NibabelIO")
 GAUSSIAN_SIGMA_SCALE = 0.125  # nnU-Net's predictor blends tiles with sigma = patch / 8
-OPSET = 17
-TOLERANCE = 1e-4  # relative ONNX logit difference allowed
-FP16_TOLERANCE = 1e-2  # relative float16 logit difference that still allows half precision
 STATE_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DDP's wrappers
 
 
@@ -429,16 +425,6 @@ def load_fold(
     return facts, axes
 
 
-def _half_difference(network: torch.nn.Module, batches: list, name: str) -> float | None:
-    """The float16 logit difference, or None where PyTorch's CPU kernels lack half precision
-    (average pooling, in residual encoders): unmeasured, the plan keeps float32."""
-    try:
-        return half_precision_parity(network, batches).max_relative_difference
-    except NotImplementedError as error:
-        log.warning("%s: float16 not measurable on the CPU (%s); precision float32", name, error)
-        return None
-
-
 def _export_folds(
     checkpoints: dict[str, Path],
     architecture: dict[str, Any],
@@ -447,16 +433,12 @@ def _export_folds(
     out: Path,
     where: Path,
 ) -> tuple[Plan, dict[str, Any]]:
-    """Exports every fold and checks it; the plan with the folds, the mirror axes they were
-    trained with and the precision, and what the model card records. A failure removes every
-    fold this export wrote."""
-    folds, facts, axes, written = [], {}, None, []
-    record: dict[str, Any] = {
-        "max_abs_difference": {},
-        "max_relative_difference": {},
-        "float16_max_relative_difference": {},
-    }
-    try:
+    """Exports every fold and checks it (training.export's checks, at its default tolerances);
+    the plan with the folds, the mirror axes they were trained with and the precision, and what
+    the model card records. A failure removes every fold this import wrote."""
+    settings = ExportConfig()
+    facts, axes, exported = {}, None, []
+    with removed_on_failure() as written:
         for index, (fold, checkpoint) in enumerate(checkpoints.items()):
             network = build_network(architecture, 1, len(plan.inference.classes), where)
             facts[fold], fold_axes = load_fold(checkpoint, network, configuration)
@@ -468,43 +450,23 @@ def _export_folds(
             axes = fold_axes
             path = out / f"fold_{fold}.onnx"
             written.append(path)
-            export_onnx(network, plan, path, opset=OPSET)
             batches = parity_batches(plan, [], seed=index)
-            found = parity(network, path, batches)
-            record["max_abs_difference"][path.name] = found.max_abs_difference
-            record["max_relative_difference"][path.name] = found.max_relative_difference
-            log.info(
-                "%s: largest |torch - onnxruntime| logit difference %.2e (%.2e of the logits)",
-                path.name,
-                found.max_abs_difference,
-                found.max_relative_difference,
-            )
-            if not found.max_relative_difference <= TOLERANCE:
-                raise ExportError(
-                    f"{checkpoint}: onnxruntime differs from PyTorch by "
-                    f"{found.max_relative_difference:.3g} of the largest logit, more than the "
-                    f"tolerance {TOLERANCE}"
+            exported.append(
+                export_checked_fold(
+                    network, plan, path, batches, settings.tolerance, settings.opset
                 )
-            record["float16_max_relative_difference"][path.name] = _half_difference(
-                network, batches[:1], path.name
             )
-            folds.append(FoldWeights(path.name, sha256_of(path)))
-    except BaseException:
-        # No half-exported model: every fold of this import goes, the ones that passed too.
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    half = record["float16_max_relative_difference"].values()
-    half_ok = all(v is not None and v <= FP16_TOLERANCE for v in half)
+    record, fp16 = export_record(
+        exported, settings.tolerance, settings.fp16_tolerance, settings.opset
+    )
     inference = dataclasses.replace(
         plan.inference,
-        folds=tuple(folds),
+        folds=tuple(fold.weights for fold in exported),
         mirror_axes=axes,
         # nnU-Net mirrors at test time along the axes its training mirrored, if any.
         test_time_mirroring=plan.inference.test_time_mirroring and bool(axes),
-        precision="float16" if half_ok else "float32",
+        precision="float16" if fp16 else "float32",
     )
-    record.update(tolerance=TOLERANCE, float16_tolerance=FP16_TOLERANCE, opset=OPSET)
     return dataclasses.replace(plan, inference=inference), {"folds": facts, "export": record}
 
 
