@@ -1,17 +1,22 @@
 # grand-challenge.org algorithm image for pantherseg (PANTHER, pancreatic tumor segmentation on MRI).
 #
-# Base: CUDA 13 + cuDNN 9 runtime. onnxruntime-gpu 1.31.1 from PyPI is built against CUDA 13
-# (its CUDA provider links libcudart.so.13 and libcublas.so.13; PyPI wheels up to 1.26 were CUDA 12),
-# so a CUDA 12 base would leave the GPU unused. CUDA 13 needs an NVIDIA driver >= 580 on the host.
+# Base: CUDA + cuDNN 9 runtime, CUDA 12.8 by default with onnxruntime-gpu 1.26.0 (the last PyPI
+# build for CUDA 12: any driver of the CUDA 12 era), or CUDA 13.0 with onnxruntime-gpu 1.31.1
+# (`./build.sh --cuda 13`: needs a driver >= 580). The onnxruntime-gpu build must match the base's
+# CUDA major, or its CUDA provider cannot load: requirements-cuda<major>.txt is chosen from
+# CUDA_VERSION below. Without a usable GPU the container says why on stdout and runs on the CPU.
 # Ubuntu 24.04 brings Python 3.12; every pinned wheel exists for it (see requirements.txt).
 #
 # CI builds this file unchanged against a Debian stand-in imported under the same name
 # (.ci/container.sh): no CUDA there, so the container runs on the CPU.
 
+# The base's CUDA version (./build.sh --cuda 13 sets 13.0.2).
+ARG CUDA_VERSION=12.8.1
+
 # grand-challenge runs linux/amd64 only; the platform is pinned on purpose so that a build on an
 # ARM machine still produces an image grand-challenge can run.
 # hadolint ignore=DL3029
-FROM --platform=linux/amd64 nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS base
+FROM --platform=linux/amd64 nvidia/cuda:${CUDA_VERSION}-cudnn-runtime-ubuntu24.04 AS base
 
 # The application files, readable by the non-root user whatever modes the host gave them (a model
 # file saved as 0600 would otherwise fail at runtime). In a stage of its own so that the image
@@ -45,9 +50,12 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-COPY requirements.txt /opt/app/requirements.txt
+# The onnxruntime-gpu build for the base's CUDA major (12.8.1 -> requirements-cuda12.txt).
+ARG CUDA_VERSION
+COPY requirements.txt requirements-cuda12.txt requirements-cuda13.txt /opt/app/
 RUN python3 -m venv /opt/venv \
     && pip install --no-cache-dir --require-virtualenv -r /opt/app/requirements.txt \
+        -r "/opt/app/requirements-cuda${CUDA_VERSION%%.*}.txt" \
     && pip check
 
 COPY --from=app /opt/app /opt/app

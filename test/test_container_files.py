@@ -23,6 +23,7 @@ SCRIPTS = ["build.sh", "test.sh", "export.sh", ".ci/container.sh", "docker/stand
 # (read from the wheels' metadata; 1.31.1's CUDA provider needs libcudart.so.13). A base image
 # with another CUDA major leaves the GPU unused: onnxruntime quietly falls back to the CPU.
 ORT_GPU_FIRST_CUDA13 = (1, 27)
+DEFAULT_CUDA = 12  # grand-challenge's driver is not published; CUDA 12 runs on more of them
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -38,14 +39,29 @@ def instructions() -> list[tuple[str, str]]:
     return result
 
 
-def requirements() -> dict[str, Requirement]:
+def requirements(*files: str) -> dict[str, Requirement]:
+    """The pins of requirements.txt plus the given files (default: the default CUDA build's)."""
     reqs = {}
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            req = Requirement(line)
-            reqs[req.name.lower()] = req
+    for name in ("requirements.txt", *(files or (f"requirements-cuda{DEFAULT_CUDA}.txt",))):
+        for line in (REPO / name).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                req = Requirement(line)
+                reqs[req.name.lower()] = req
     return reqs
+
+
+def build_arg_default(name: str) -> str:
+    for keyword, args in instructions():
+        if keyword == "ARG" and args.startswith(f"{name}="):
+            return args.split("=", 1)[1]
+    raise AssertionError(f"no ARG {name}=... in the Dockerfile")
+
+
+def build_sh_cuda_versions() -> dict[int, str]:
+    """./build.sh's --cuda choices: CUDA major -> the base's CUDA version."""
+    found = re.findall(r"^\s*(\d+)\) CUDA_VERSION=(\S+) ;;", (REPO / "build.sh").read_text(), re.M)
+    return {int(major): version for major, version in found}
 
 
 def pinned_version(req: Requirement) -> str:
@@ -67,12 +83,14 @@ def stages() -> list[tuple[str, str | None, list[str]]]:
     return result
 
 
-def base_image() -> str:
-    """The one image pulled from a registry; every later stage builds on an earlier one."""
+def base_image(cuda_version: str | None = None) -> str:
+    """The one image pulled from a registry (every later stage builds on an earlier one), for a
+    CUDA version (default: the Dockerfile's)."""
     found = stages()
     aliases = {alias for _, alias, _ in found if alias}
     assert all(image in aliases for image, _, _ in found[1:]), "one external base expected"
-    return found[0][0]
+    version = cuda_version or build_arg_default("CUDA_VERSION")
+    return found[0][0].replace("${CUDA_VERSION}", version)
 
 
 def test_base_is_a_pinned_amd64_cuda_cudnn_runtime():
@@ -82,14 +100,21 @@ def test_base_is_a_pinned_amd64_cuda_cudnn_runtime():
     assert re.fullmatch(r"\d+\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", tag), tag
 
 
-def test_base_cuda_major_matches_onnxruntime_gpu():
-    version = pinned_version(requirements()["onnxruntime-gpu"])
-    major_minor = tuple(int(part) for part in version.split(".")[:2])
-    wanted = 13 if major_minor >= ORT_GPU_FIRST_CUDA13 else 12
-    tag = base_image().partition(":")[2]
-    assert int(tag.split(".")[0]) == wanted, (
-        f"onnxruntime-gpu {version} on PyPI is built for CUDA {wanted}; the base is {tag}"
-    )
+def test_every_cuda_build_pairs_its_base_with_a_matching_onnxruntime_gpu():
+    """./build.sh --cuda N builds on CUDA N and installs requirements-cudaN.txt, whose
+    onnxruntime-gpu must be built for CUDA N; the default (the Dockerfile's) is CUDA 12."""
+    choices = build_sh_cuda_versions()
+    assert set(choices) == {12, 13}
+    assert choices[DEFAULT_CUDA] == build_arg_default("CUDA_VERSION")
+    for major, cuda_version in choices.items():
+        version = pinned_version(requirements(f"requirements-cuda{major}.txt")["onnxruntime-gpu"])
+        major_minor = tuple(int(part) for part in version.split(".")[:2])
+        built_for = 13 if major_minor >= ORT_GPU_FIRST_CUDA13 else 12
+        assert built_for == major, f"onnxruntime-gpu {version} is built for CUDA {built_for}"
+        tag = base_image(cuda_version).partition(":")[2]
+        assert int(tag.split(".")[0]) == major, tag
+    runs = " ".join(args for keyword, args in instructions() if keyword == "RUN")
+    assert '-r "/opt/app/requirements-cuda${CUDA_VERSION%%.*}.txt"' in runs
 
 
 def test_requirements_pin_the_package_dependencies():

@@ -104,11 +104,15 @@ def _module_name(rel: str) -> str:
 
 
 def requirement_names() -> set[str]:
+    """Every distribution the image's requirement files pin (the shared ones and a CUDA build's:
+    both builds install the same module names)."""
     names = set()
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            names.add(re.split(r"[=<>!~;\[ ]", line, maxsplit=1)[0].lower().replace("_", "-"))
+    for path in sorted(REPO.glob("requirements*.txt")):
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                name = re.split(r"[=<>!~;\[ ]", line, maxsplit=1)[0]
+                names.add(name.lower().replace("_", "-"))
     return names
 
 
