@@ -119,7 +119,7 @@ step "stand-in base image"
 BASE="$(awk 'toupper($1) == "FROM" { for (i = 2; i <= NF; i++) if ($i !~ /^--/) { print $i; exit } }' Dockerfile)"
 # The base's tag comes from the Dockerfile's ARG CUDA_VERSION default (what ./build.sh builds).
 CUDA_VERSION="$(sed -n 's/^ARG CUDA_VERSION=//p' Dockerfile | head -n 1)"
-BASE="${BASE/'${CUDA_VERSION}'/$CUDA_VERSION}"
+BASE="${BASE/\$\{CUDA_VERSION\}/$CUDA_VERSION}"
 [ -n "$BASE" ] || {
     echo "container.sh: no FROM in the Dockerfile" >&2
     exit 1
