@@ -41,6 +41,23 @@ def shrunk_plans(source: Path, configuration: str, patch: list[int], stages: int
     return plans
 
 
+def cpu_predictor(folder: Path, folds: tuple[int, ...], mirroring: bool):
+    """nnU-Net's own predictor on `folder`, as its defaults run it (tile step 0.5, Gaussian),
+    on the CPU: the reference the import is held to."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=mirroring,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(str(folder), folds, "checkpoint_final.pth")
+    return predictor
+
+
 def trained_folder(
     root: Path,
     plans: dict,

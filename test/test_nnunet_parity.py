@@ -16,9 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from imaging import rotation, write_image
-from nnunet_models import BASELINE_PLANS, RESENC_PLANS, shrunk_plans, trained_folder
+from nnunet_models import (
+    BASELINE_PLANS,
+    RESENC_PLANS,
+    cpu_predictor,
+    shrunk_plans,
+    trained_folder,
+)
 
 import process
 from pantherseg.inference.pipeline import Segmenter
@@ -54,21 +59,11 @@ def scene(shape: tuple[int, int, int], seed: int) -> np.ndarray:
 @pytest.fixture(scope="module", params=list(MODELS))
 def models(request, tmp_path_factory):
     """The nnU-Net trained folder, nnU-Net's predictor on it, and our imported model folder."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     source, configuration, patch, folds, mirroring = MODELS[request.param]
     root = tmp_path_factory.mktemp("nnunet")
     plans = shrunk_plans(source, configuration, patch)
     folder = trained_folder(root / "results", plans, configuration, folds=folds)
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=mirroring,
-        perform_everything_on_device=False,
-        device=torch.device("cpu"),
-        allow_tqdm=False,
-    )
-    predictor.initialize_from_trained_model_folder(str(folder), folds, "checkpoint_final.pth")
+    predictor = cpu_predictor(folder, folds, mirroring)
     model = root / "model"
     argv = ["import-nnunet", str(folder), "--out", str(model), "--folds", *map(str, folds)]
     assert training_main([*argv, *([] if mirroring else ["--no-mirroring"])]) == 0
