@@ -17,7 +17,13 @@ import numpy as np
 from pantherseg.inference.io import check_inference_image, read_image, write_mask
 from pantherseg.inference.plan import MIRRORING_CHOICES, Plan, fold_paths, load_plan
 from pantherseg.inference.postprocess import PostprocessReport, postprocess
-from pantherseg.inference.preprocess import PreprocessRecord, preprocess, resample_back, uncrop
+from pantherseg.inference.preprocess import (
+    PreprocessRecord,
+    preprocess,
+    resample_back,
+    restore,
+    uncrop,
+)
 from pantherseg.inference.sliding_window import (
     Predictor,
     averaged,
@@ -171,9 +177,9 @@ class Segmenter:
         progress: bool = False,
         timings: Timings | None = None,
     ) -> dict[str, np.ndarray]:
-        """Tumor (and, when the network predicts it, pancreas) probability on the input's grid.
-
-        Cross-validation tunes post-processing on exactly these maps.
+        """Tumor (and, when the network predicts it, pancreas) probability on the input's grid,
+        keyed "tumor" and "pancreas"; with the argmax decision also "argmax_tumor", where tumor is
+        the likeliest class. Cross-validation tunes post-processing on exactly these maps.
         """
         timings = timings if timings is not None else Timings()
         plan = self.plan
@@ -228,18 +234,19 @@ class Segmenter:
         if plan.inference.restore == "logits":
             back = np.stack([resample_back(channel, record, resampling) for channel in logits])
             del logits
-            cropped = class_probabilities(back.astype(np.float16).astype(np.float32), plan, wanted)
+            probabilities = class_probabilities(
+                back.astype(np.float16).astype(np.float32), plan, wanted
+            )
+            restored = {name: uncrop(p, record) for name, p in probabilities.items()}
         else:
-            cropped = {
-                name: np.clip(resample_back(p, record, resampling), 0.0, 1.0)
+            restored = {
+                name: restore(p, record, resampling)
                 for name, p in class_probabilities(logits, plan, wanted).items()
             }
-        out = {
-            name: uncrop(cropped[name], record) for name in ("tumor", "pancreas") if name in cropped
-        }
-        if by_argmax:
-            winner = np.stack([cropped[name] for name in classes]).argmax(axis=0)
-            out["argmax_tumor"] = uncrop(winner == classes.index("tumor"), record)
+        out = {name: restored[name] for name in ("tumor", "pancreas") if name in restored}
+        if by_argmax:  # outside the crop every class is 0 and the first, background, wins
+            winner = np.stack([restored[name] for name in classes]).argmax(axis=0)
+            out["argmax_tumor"] = winner == classes.index("tumor")
         return out
 
     def segment(
