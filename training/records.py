@@ -54,6 +54,11 @@ class Planning:
     @classmethod
     def load(cls, work: Path) -> Planning:
         path = Path(work) / PLANNING_FILE
+        if not path.is_file():
+            raise RecordError(
+                f"{path}: missing (planned by an older pantherseg?); run `python -m training plan` "
+                "again (the cache is reused where the preprocessing is unchanged)"
+            )
         data = _read(path)
         if not isinstance(data.get("figures"), dict) or not isinstance(data.get("data"), dict):
             raise RecordError(f"{path}: expected objects 'figures' and 'data'")
