@@ -315,11 +315,11 @@ def measure_inference(preset: Preset, device_name: str, batched: bool) -> dict[s
         predictors = [counted(batched_predictor(folds, device, amp, axes), tally)]
         segmenter = Segmenter(plan, predictors, "batched on device", mirroring="off")
         passes, per_call = len(folds) * 2 ** len(axes), len(folds)  # per patch, per call
-        forward_batch = segmenter.batch_size * 2 ** len(axes)
+        forward_batch = segmenter.region.batch_size * 2 ** len(axes)
     else:
         predictors = [counted(torch_predictor(n, device, amp), tally) for n in folds]
         segmenter = Segmenter(plan, predictors, "torch_predictor folds", mirroring="on")
-        passes, per_call, forward_batch = 1, 1, segmenter.batch_size
+        passes, per_call, forward_batch = 1, 1, segmenter.region.batch_size
     repeats = preset.network_repeats
     one_forward = network_seconds(network, device, amp, patch, repeats, forward_batch)
     build_s = time.perf_counter() - started

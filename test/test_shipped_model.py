@@ -66,7 +66,7 @@ def test_model_loads_fits_the_budget_and_says_what_it_is():
 def test_every_fold_runs_a_tile():
     plan = load_plan(MODEL)
     tile = np.random.default_rng(0).normal(size=(1, 1, *plan.inference.patch_size_zyx))
-    for path in fold_paths(plan, MODEL):
+    for path in fold_paths(plan.inference, MODEL):
         logits = OnnxEngine(path, device="cpu", threads=1)(tile.astype(np.float32))
         assert logits.shape == (1, 1, *plan.inference.patch_size_zyx)
         assert np.isfinite(logits).all()

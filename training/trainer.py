@@ -139,7 +139,7 @@ def validate_cases(
             step_fraction=tile_step,
             batch_size=batch_size,
         )
-        tumor = class_probabilities(logits, plan, ["tumor"])["tumor"] >= 0.5
+        tumor = class_probabilities(logits, plan.inference, ["tumor"])["tumor"] >= 0.5
         truth = np.asarray(label[0]) == 1
         if not truth.any():
             continue  # the challenge metrics are undefined without a tumor

@@ -1,24 +1,37 @@
-"""One case from image to mask: preprocess, sliding window over the fold ensemble, map the tumor
-probability back, post-process. Reading and writing files stays with the callers (`process.py`,
+"""One case from image to mask: for a two-stage model the localiser's box first, then preprocess,
+sliding window over the fold ensemble (within the box), map the tumor probability back,
+post-process. Reading and writing files stays with the callers (`process.py`,
 `pantherseg predict`), which share `segment_file`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pantherseg.inference.io import check_inference_image, read_image, write_mask
-from pantherseg.inference.plan import MIRRORING_CHOICES, Plan, fold_paths, load_plan
+from pantherseg.inference.localise import Localisation, grown_box, locate_foreground
+from pantherseg.inference.plan import (
+    MIRRORING_CHOICES,
+    Inference,
+    Plan,
+    Preprocessing,
+    fold_paths,
+    load_plan,
+)
 from pantherseg.inference.postprocess import PostprocessReport, postprocess
 from pantherseg.inference.preprocess import (
+    Box,
     PreprocessRecord,
+    grid_box_to_input,
     preprocess,
     resample_back,
     restore,
@@ -30,6 +43,9 @@ from pantherseg.inference.sliding_window import (
     mirrored,
     sliding_window_predict,
 )
+
+if TYPE_CHECKING:
+    from pantherseg.inference.engines import OnnxEngine
 
 log = logging.getLogger("pantherseg")
 
@@ -59,21 +75,22 @@ class Segmentation:
     mask: np.ndarray  # uint8 {0, 1} on the input grid
     report: PostprocessReport
     timings: Timings
+    localisation: Localisation
 
 
 def class_probabilities(
-    logits: np.ndarray, plan: Plan, wanted: Sequence[str]
+    logits: np.ndarray, inference: Inference, wanted: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Per-class probabilities from the network's averaged logits (K, Z, Y, X), only for the
     classes asked for, so that no full multi-class probability array is kept."""
-    classes = plan.inference.classes
+    classes = inference.classes
     if logits.shape[0] != len(classes):
         raise ValueError(
             f"the network gives {logits.shape[0]} output channels, the plan names {len(classes)} "
             f"classes {classes}"
         )
     out = {}
-    if plan.inference.activation == "sigmoid":
+    if inference.activation == "sigmoid":
         out["tumor"] = sigmoid(logits[0])
         return out
     peak = logits.max(axis=0)
@@ -91,118 +108,76 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + small), small / (1.0 + small)).astype(np.float32)
 
 
-def mirror_axes_to_use(plan: Plan, mirroring: str = "plan") -> tuple[int, ...]:
+def mirror_axes_to_use(inference: Inference, mirroring: str = "plan") -> tuple[int, ...]:
     """The axes test-time mirroring flips: the trained ones when the plan (by default) or the
     user asks for mirroring; asking for it from a network trained without flips is an error."""
     if mirroring not in MIRRORING_CHOICES:
         raise ValueError(f"mirroring must be one of {MIRRORING_CHOICES}, got {mirroring!r}")
-    wanted = plan.inference.test_time_mirroring if mirroring == "plan" else mirroring == "on"
-    if wanted and not plan.inference.mirror_axes:
+    wanted = inference.test_time_mirroring if mirroring == "plan" else mirroring == "on"
+    if wanted and not inference.mirror_axes:
         raise ValueError(
             "test-time mirroring was asked for, but the plan lists no axes the network was "
             "trained to mirror (inference.mirror_axes)"
         )
-    return tuple(plan.inference.mirror_axes) if wanted else ()
+    return tuple(inference.mirror_axes) if wanted else ()
 
 
-class Segmenter:
-    """A loaded model: the plan and its fold predictors, ready to segment any number of cases."""
+class NetworkStage:
+    """One network on its own grid: preprocessing, then the sliding window over its folds."""
 
     def __init__(
         self,
-        plan: Plan,
+        preprocessing: Preprocessing,
+        inference: Inference,
         folds: Sequence[Predictor],
-        description: str = "",
-        on_gpu: bool = True,
-        mirroring: str = "plan",
+        on_gpu: bool,
+        mirroring: str,
     ) -> None:
         if not folds:
             raise ValueError("a model needs at least one fold")
-        self.plan = plan
+        self.preprocessing = preprocessing
+        self.inference = inference
         # Batching tiles pays on a GPU; on the CPU one tile at a time is faster and lighter.
-        self.batch_size = plan.inference.batch_size if on_gpu else 1
-        self.mirror_axes = mirror_axes_to_use(plan, mirroring)
+        self.batch_size = inference.batch_size if on_gpu else 1
+        self.mirror_axes = mirror_axes_to_use(inference, mirroring)
 
         def flipped(predictor: Predictor) -> Predictor:
             return mirrored(predictor, self.mirror_axes) if self.mirror_axes else predictor
 
-        if plan.inference.stitching == "nnunet":
+        if inference.stitching == "nnunet":
             # nnU-Net stitches each fold on its own and averages the stitched logits.
             self.predictors = [flipped(fold) for fold in folds]
         else:  # one stitching pass: the folds' logits are averaged per tile
             self.predictors = [flipped(averaged(list(folds)) if len(folds) > 1 else folds[0])]
-        flips = f"mirroring axes {list(self.mirror_axes)}" if self.mirror_axes else "no mirroring"
-        self.description = f"{description}; {flips}" if description else flips
 
-    @classmethod
-    def from_model_dir(
-        cls,
-        model_dir: Path,
-        device: str = "auto",
-        threads: int | None = None,
-        mirroring: str = "plan",
-    ) -> Segmenter:
-        """Loads and checks the plan and every fold's ONNX weights."""
-        from pantherseg.inference.engines import EngineError, OnnxEngine
-
-        plan = load_plan(model_dir)
-        half = plan.inference.precision == "float16"
-        engines = [
-            OnnxEngine(path, device=device, threads=threads, allow_fp16=half)
-            for path in fold_paths(plan, model_dir)
-        ]
-        for engine, path in zip(engines, fold_paths(plan, model_dir), strict=True):
-            if engine.patch_size not in (None, plan.inference.patch_size_zyx):
-                raise EngineError(
-                    f"{path}: the network takes patches of {engine.patch_size}, the plan says "
-                    f"{plan.inference.patch_size_zyx}"
-                )
-            if engine.in_channels != 1:
-                raise EngineError(f"{path}: the network takes {engine.in_channels} channels, not 1")
-        providers = sorted({engine.provider for engine in engines})
-        description = f"{len(engines)} fold(s) from {model_dir} on {', '.join(providers)}"
-        return cls(
-            plan,
-            engines,
-            description,
-            on_gpu=providers != ["CPUExecutionProvider"],
-            mirroring=mirroring,
-        )
-
-    def probabilities(
+    def logits(
         self,
         image: np.ndarray,
         spacing_zyx: Sequence[float],
         direction_xyz: Sequence[float],
-        progress: bool = False,
-        timings: Timings | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Tumor (and, when the network predicts it, pancreas) probability on the input's grid,
-        keyed "tumor" and "pancreas"; with the argmax decision also "argmax_tumor", where tumor is
-        the likeliest class. Cross-validation tunes post-processing on exactly these maps.
-        """
-        timings = timings if timings is not None else Timings()
-        plan = self.plan
+        progress: bool,
+        timings: Timings,
+        region: Box | None = None,
+    ) -> tuple[np.ndarray, PreprocessRecord]:
+        """(K, Z, Y, X) logits on the network's grid and the record that maps them back."""
         with timings.stage("preprocess"):
             data, record = preprocess(
-                image, spacing_zyx, plan.preprocessing, direction_xyz=direction_xyz
+                image, spacing_zyx, self.preprocessing, direction_xyz=direction_xyz, region=region
             )
         if record.transpose != (0, 1, 2):
             log.info(
                 "array axes transposed by %s into the plan's patient-axis order %s",
                 record.transpose,
-                plan.preprocessing.patient_axes_zyx,
+                self.preprocessing.patient_axes_zyx,
             )
         with timings.stage("network"):
             logits = self._stitched_logits(data[np.newaxis], progress)
-        del data
-        with timings.stage("restore"):
-            return self._restored(logits, record)
+        return logits, record
 
     def _stitched_logits(self, volume: np.ndarray, progress: bool) -> np.ndarray:
-        """(K, Z, Y, X) logits on the network's grid. With nnU-Net's stitching every fold is
-        stitched on its own and the results are averaged in float16, as its predictor does."""
-        inference = self.plan.inference
+        """With nnU-Net's stitching every fold is stitched on its own and the results are
+        averaged in float16, as its predictor does."""
+        inference = self.inference
         total = None
         for predictor in self.predictors:
             logits = sliding_window_predict(
@@ -222,6 +197,130 @@ class Segmenter:
         assert total is not None
         return (total / np.float16(len(self.predictors))).astype(np.float32)
 
+
+class Segmenter:
+    """A loaded model: the plan and its fold predictors (with a localiser's, for a two-stage
+    model), ready to segment any number of cases."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        folds: Sequence[Predictor],
+        description: str = "",
+        on_gpu: bool = True,
+        mirroring: str = "plan",
+        localiser_folds: Sequence[Predictor] = (),
+    ) -> None:
+        self.plan = plan
+        self.region = NetworkStage(
+            plan.preprocessing, plan.inference, folds, on_gpu=on_gpu, mirroring=mirroring
+        )
+        self.mirror_axes = self.region.mirror_axes
+        self.localiser = None
+        if plan.localiser is not None:
+            # The localiser mirrors as its plan says: `mirroring` is the main network's choice.
+            self.localiser = NetworkStage(
+                plan.localiser.preprocessing,
+                plan.localiser.inference,
+                localiser_folds,
+                on_gpu=on_gpu,
+                mirroring="plan",
+            )
+        elif localiser_folds:
+            raise ValueError("localiser weights were given, but the plan has no localiser")
+        flips = f"mirroring axes {list(self.mirror_axes)}" if self.mirror_axes else "no mirroring"
+        stages = "two stages (localiser, then region)" if self.localiser else "one stage"
+        self.description = f"{description}; {stages}; {flips}" if description else flips
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: Path,
+        device: str = "auto",
+        threads: int | None = None,
+        mirroring: str = "plan",
+    ) -> Segmenter:
+        """Loads and checks the plan and every fold's ONNX weights."""
+        from pantherseg.inference.engines import OnnxEngine
+
+        plan = load_plan(model_dir)
+        stages = [plan.inference] + ([plan.localiser.inference] if plan.localiser else [])
+        engines: list[list[OnnxEngine]] = []
+        for inference in stages:
+            half = inference.precision == "float16"
+            paths = fold_paths(inference, model_dir)
+            loaded = [
+                OnnxEngine(path, device=device, threads=threads, allow_fp16=half) for path in paths
+            ]
+            for engine, path in zip(loaded, paths, strict=True):
+                _check_engine(engine, path, inference)
+            engines.append(loaded)
+        providers = sorted({engine.provider for stage in engines for engine in stage})
+        description = f"{len(engines[0])} fold(s) from {model_dir} on {', '.join(providers)}"
+        return cls(
+            plan,
+            engines[0],
+            description,
+            on_gpu=providers != ["CPUExecutionProvider"],
+            mirroring=mirroring,
+            localiser_folds=engines[1] if len(engines) > 1 else (),
+        )
+
+    def locate(
+        self,
+        image: np.ndarray,
+        spacing_zyx: Sequence[float],
+        direction_xyz: Sequence[float],
+        progress: bool = False,
+        timings: Timings | None = None,
+    ) -> Localisation:
+        """The box the main network runs in, from the localiser (a single-stage model, or a
+        localiser that finds nothing plausible: the whole image, with the reason)."""
+        localiser = self.plan.localiser
+        if self.localiser is None or localiser is None:
+            return Localisation(None, "single-stage model")
+        timings = timings if timings is not None else Timings()
+        stage_timings = Timings()
+        logits, record = self.localiser.logits(
+            image, spacing_zyx, direction_xyz, progress, stage_timings
+        )
+        for name, seconds in stage_timings.seconds.items():
+            timings.seconds[f"localiser {name}"] = seconds
+        with timings.stage("localiser box"):
+            background = class_probabilities(logits, localiser.inference, ["background"])
+            found = locate_foreground(
+                background["background"] <= 1.0 - localiser.threshold,
+                record.target_spacing_zyx,
+                localiser,
+            )
+            if found.box is None:
+                return found
+            box = grid_box_to_input(*found.box, record)
+            return dataclasses.replace(
+                found, box=grown_box(box, spacing_zyx, localiser.margin_mm, image.shape)
+            )
+
+    def probabilities(
+        self,
+        image: np.ndarray,
+        spacing_zyx: Sequence[float],
+        direction_xyz: Sequence[float],
+        progress: bool = False,
+        timings: Timings | None = None,
+        region: Box | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Tumor (and, when the network predicts it, pancreas) probability on the input's grid,
+        keyed "tumor" and "pancreas"; with the argmax decision also "argmax_tumor", where tumor is
+        the likeliest class. Within `region` (from `locate`) when given, zero outside it.
+        Cross-validation tunes post-processing on exactly these maps.
+        """
+        timings = timings if timings is not None else Timings()
+        logits, record = self.region.logits(
+            image, spacing_zyx, direction_xyz, progress, timings, region=region
+        )
+        with timings.stage("restore"):
+            return self._restored(logits, record)
+
     def _restored(self, logits: np.ndarray, record: PreprocessRecord) -> dict[str, np.ndarray]:
         """Tumor (and pancreas) probability on the input grid; with the argmax decision also
         `argmax_tumor`, where tumor is the most probable class. Restoring logits resamples every
@@ -235,13 +334,13 @@ class Segmenter:
             back = np.stack([resample_back(channel, record, resampling) for channel in logits])
             del logits
             probabilities = class_probabilities(
-                back.astype(np.float16).astype(np.float32), plan, wanted
+                back.astype(np.float16).astype(np.float32), plan.inference, wanted
             )
             restored = {name: uncrop(p, record) for name, p in probabilities.items()}
         else:
             restored = {
                 name: restore(p, record, resampling)
-                for name, p in class_probabilities(logits, plan, wanted).items()
+                for name, p in class_probabilities(logits, plan.inference, wanted).items()
             }
         out = {name: restored[name] for name in ("tumor", "pancreas") if name in restored}
         if by_argmax:  # outside the crop every class is 0 and the first, background, wins
@@ -258,9 +357,14 @@ class Segmenter:
         timings: Timings | None = None,
     ) -> Segmentation:
         """The tumor mask of one image given as a (z, y, x) float32 array with its file's spacing
-        and direction cosines."""
+        and direction cosines: located first when the model has two stages."""
         timings = timings if timings is not None else Timings()
-        restored = self.probabilities(image, spacing_zyx, direction_xyz, progress, timings)
+        found = self.locate(image, spacing_zyx, direction_xyz, progress, timings)
+        if self.localiser is not None:
+            log.info("%s", found.describe(image.shape))
+        restored = self.probabilities(
+            image, spacing_zyx, direction_xyz, progress, timings, region=found.box
+        )
         guided = self.plan.postprocessing.pancreas_guidance.enabled
         with timings.stage("postprocess"):
             mask, report = postprocess(
@@ -270,7 +374,19 @@ class Segmenter:
                 restored.get("pancreas") if guided else None,
                 candidates=restored.get("argmax_tumor"),
             )
-        return Segmentation(mask, report, timings)
+        return Segmentation(mask, report, timings, found)
+
+
+def _check_engine(engine: OnnxEngine, path: Path, inference: Inference) -> None:
+    from pantherseg.inference.engines import EngineError
+
+    if engine.patch_size not in (None, inference.patch_size_zyx):
+        raise EngineError(
+            f"{path}: the network takes patches of {engine.patch_size}, the plan says "
+            f"{inference.patch_size_zyx}"
+        )
+    if engine.in_channels != 1:
+        raise EngineError(f"{path}: the network takes {engine.in_channels} channels, not 1")
 
 
 def segment_file(

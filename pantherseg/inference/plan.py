@@ -151,19 +151,44 @@ class Postprocessing:
 
 
 @dataclass(frozen=True)
+class Localiser:
+    """The first stage of a two-stage model: a network on a coarse grid over the whole image,
+    whose pancreas-and-tumor region, grown by `margin_mm`, is all the main network sees.
+
+    The region is the largest connected component of the voxels whose foreground probability
+    (1 - background) reaches `threshold`. It is implausible, and the main network runs over the
+    whole image, when it holds less than `min_foreground_ml` or its longest side exceeds
+    `max_extent_mm` (training sets both from the annotated cases).
+    """
+
+    preprocessing: Preprocessing
+    inference: Inference
+    margin_mm: float = 30.0
+    threshold: float = 0.5
+    min_foreground_ml: float = 1.0
+    max_extent_mm: float = 400.0
+
+
+@dataclass(frozen=True)
 class Plan:
+    """`localiser`: None for a single-stage model, else the first stage of a two-stage one."""
+
     task: str
     preprocessing: Preprocessing
     inference: Inference
     postprocessing: Postprocessing = field(default_factory=Postprocessing)
     input_socket: str = ""
+    localiser: Localiser | None = None
 
     def __post_init__(self) -> None:
         if not self.input_socket and self.task in TASK_SOCKETS:
             object.__setattr__(self, "input_socket", TASK_SOCKETS[self.task])
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
+        data = {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
+        if self.localiser is None:  # a single-stage plan reads as before two stages existed
+            del data["localiser"]
+        return data
 
 
 def sha256_of(path: Path) -> str:
@@ -207,30 +232,7 @@ def _build(cls: type, values: dict, where: Path, name: str, **converted: Any):
         raise PlanError(f"{where}: {name}: {error}") from None
 
 
-def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True) -> Plan:
-    """Validates a parsed plan; `where` names the file in errors. Training plans its
-    preprocessing before any weights exist, so it may ask for a plan without folds."""
-    _require(isinstance(data, dict), where, "a plan must be a JSON object")
-    _require(data.get("format") == PLAN_FORMAT, where, f"not a plan file (format != {PLAN_FORMAT})")
-    version = data.get("version")
-    _require(
-        not (isinstance(version, int) and 1 <= version < PLAN_VERSION),
-        where,
-        f"plan version {version} was written by an older pantherseg and is no longer read; "
-        + UPGRADE_HINT.format(folder=where.parent),
-    )
-    _require(
-        version == PLAN_VERSION,
-        where,
-        f"plan version {version!r} is not supported (this pantherseg reads version "
-        f"{PLAN_VERSION}; a newer plan needs a newer pantherseg)",
-    )
-    unknown = set(data) - {"format", "version", *Plan.__dataclass_fields__}
-    _require(not unknown, where, f"unknown top-level field(s): {', '.join(sorted(unknown))}")
-    task = data.get("task")
-    _require(task in TASK_SOCKETS, where, f"task must be one of {list(TASK_SOCKETS)}, got {task!r}")
-
-    pre = _section(data, "preprocessing", where)
+def _preprocessing_from(pre: dict, where: Path) -> Preprocessing:
     norm = _section(pre, "normalization", where)
     clip = norm.get("clip_percentiles", Normalization.clip_percentiles)
     if clip is not None:
@@ -260,7 +262,7 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
     if fixed is not None:
         fixed = _tuple_of(fixed, int, 3, where, "fixed_transpose")
         _require(sorted(fixed) == [0, 1, 2], where, "fixed_transpose must permute 0, 1, 2")
-    preprocessing = _build(
+    return _build(
         Preprocessing,
         pre,
         where,
@@ -272,7 +274,8 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         resampling=resampling,
     )
 
-    inf = _section(data, "inference", where)
+
+def _inference_from(inf: dict, where: Path, require_folds: bool) -> Inference:
     patch = _tuple_of(inf.get("patch_size_zyx"), int, 3, where, "patch_size_zyx")
     _require(all(p > 0 for p in patch), where, "patch_size_zyx must be positive")
     folds_raw = inf.get("folds")
@@ -336,6 +339,67 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         where,
         "a sigmoid network has the single class 'tumor'",
     )
+    return inference
+
+
+def _localiser_from(value: Any, where: Path, require_folds: bool) -> Localiser | None:
+    """The optional first stage; errors name the section."""
+    if value is None:
+        return None
+    _require(isinstance(value, dict), where, "'localiser' must be an object or null")
+    try:
+        preprocessing = _preprocessing_from(_section(value, "preprocessing", where), where)
+        inference = _inference_from(_section(value, "inference", where), where, require_folds)
+        needed = {"background", "pancreas"}
+        _require(
+            inference.activation == "softmax" and needed <= set(inference.classes),
+            where,
+            "a localiser is a softmax network with the classes background and pancreas",
+        )
+        localiser = _build(
+            Localiser, value, where, "localiser", preprocessing=preprocessing, inference=inference
+        )
+        for name in ("margin_mm", "min_foreground_ml"):
+            number = getattr(localiser, name)
+            _require(_is_number(number) and number >= 0, where, f"{name} must be a number >= 0")
+        _require(
+            _is_number(localiser.max_extent_mm) and localiser.max_extent_mm > 0,
+            where,
+            "max_extent_mm must be a positive number",
+        )
+        _require(0 < localiser.threshold < 1, where, "threshold must be in (0, 1)")
+    except PlanError as error:
+        raise PlanError(str(error).replace(f"{where}: ", f"{where}: localiser: ", 1)) from None
+    return localiser
+
+
+def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True) -> Plan:
+    """Validates a parsed plan; `where` names the file in errors. Training plans its
+    preprocessing before any weights exist, so it may ask for a plan without folds."""
+    _require(isinstance(data, dict), where, "a plan must be a JSON object")
+    _require(data.get("format") == PLAN_FORMAT, where, f"not a plan file (format != {PLAN_FORMAT})")
+    version = data.get("version")
+    _require(
+        not (isinstance(version, int) and 1 <= version < PLAN_VERSION),
+        where,
+        f"plan version {version} was written by an older pantherseg and is no longer read; "
+        + UPGRADE_HINT.format(folder=where.parent),
+    )
+    _require(
+        version == PLAN_VERSION,
+        where,
+        f"plan version {version!r} is not supported (this pantherseg reads version "
+        f"{PLAN_VERSION}; a newer plan needs a newer pantherseg)",
+    )
+    unknown = set(data) - {"format", "version", *Plan.__dataclass_fields__}
+    _require(not unknown, where, f"unknown top-level field(s): {', '.join(sorted(unknown))}")
+    task = data.get("task")
+    _require(task in TASK_SOCKETS, where, f"task must be one of {list(TASK_SOCKETS)}, got {task!r}")
+
+    preprocessing = _preprocessing_from(_section(data, "preprocessing", where), where)
+    inference = _inference_from(_section(data, "inference", where), where, require_folds)
+    classes = inference.classes
+    localiser = _localiser_from(data.get("localiser"), where, require_folds)
 
     post = _section(data, "postprocessing", where)
     guidance = _build(
@@ -369,6 +433,7 @@ def plan_from_json(data: dict[str, Any], where: Path, require_folds: bool = True
         inference=inference,
         postprocessing=postprocessing,
         input_socket=data.get("input_socket", ""),
+        localiser=localiser,
     )
 
 
@@ -386,7 +451,7 @@ def load_plan(model_dir: Path, verify_weights: bool = True) -> Plan:
         raise PlanError(f"{path}: not valid JSON ({error})") from None
     plan = plan_from_json(data, path, require_folds=verify_weights)
     if verify_weights:
-        for fold in plan.inference.folds:
+        for fold in all_folds(plan):
             weights = Path(model_dir) / fold.file
             _require(weights.is_file(), path, f"weight file {fold.file} is missing")
             actual = sha256_of(weights)
@@ -407,5 +472,11 @@ def save_plan(plan: Plan, model_dir: Path) -> Path:
     return path
 
 
-def fold_paths(plan: Plan, model_dir: Path) -> list[Path]:
-    return [Path(model_dir) / fold.file for fold in plan.inference.folds]
+def all_folds(plan: Plan) -> tuple[FoldWeights, ...]:
+    """Every weight file the model needs: the main network's folds, then the localiser's."""
+    localiser = plan.localiser.inference.folds if plan.localiser is not None else ()
+    return plan.inference.folds + localiser
+
+
+def fold_paths(inference: Inference, model_dir: Path) -> list[Path]:
+    return [Path(model_dir) / fold.file for fold in inference.folds]

@@ -16,6 +16,7 @@ slices), which a single SimpleITK resampler cannot do.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ import numpy as np
 from scipy import ndimage
 
 from pantherseg.inference.plan import Normalization, Preprocessing, Resampling
+
+# A box of voxels: start and stop index per array axis.
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -94,22 +98,28 @@ def body_mask(image: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(image != 0)
 
 
-def normalize(image: np.ndarray, settings: Normalization) -> np.ndarray:
+def normalize(
+    image: np.ndarray, settings: Normalization, window: tuple[slice, ...] | None = None
+) -> np.ndarray:
     """Per-image z-score after optional percentile clipping, as float32 ("none": the values
-    themselves, as float32).
+    themselves, as float32), of the whole image or of `window` of it.
 
-    With `nonzero_only` the statistics come from the body (`body_mask`) and the background
-    stays 0, so that a large empty field of view does not dilute them.
+    The statistics always come from the whole image, so that a region is normalised exactly as
+    it is within the whole (a two-stage model's main network trains on whole images). With
+    `nonzero_only` they come from the body (`body_mask`) and the background stays 0, so that a
+    large empty field of view does not dilute them.
     """
+    window = window if window is not None else (slice(None),) * image.ndim
     if settings.scheme == "none":
-        return image.astype(np.float32, copy=True)
+        return image[window].astype(np.float32, copy=True)
     if settings.scheme != "zscore":
         raise ValueError(f"unknown normalisation scheme {settings.scheme!r}")
-    data = image.astype(np.float32, copy=True)
-    inside = body_mask(data) if settings.nonzero_only else None
-    sample = data[inside] if inside is not None else data.ravel()
+    whole = image.astype(np.float32, copy=False)
+    inside = body_mask(whole) if settings.nonzero_only else None
+    sample = whole[inside] if inside is not None else whole.ravel()
     if sample.size == 0:
-        sample = data.ravel()
+        sample = whole.ravel()
+    data = whole[window].astype(np.float32, copy=True)
     if settings.clip_percentiles is not None:
         low, high = np.percentile(sample, settings.clip_percentiles)
         np.clip(data, low, high, out=data)
@@ -119,7 +129,7 @@ def normalize(image: np.ndarray, settings: Normalization) -> np.ndarray:
     data -= mean
     data /= max(std, 1e-8)
     if inside is not None:
-        data[~inside] = 0.0
+        data[~inside[window]] = 0.0
     return data
 
 
@@ -194,30 +204,47 @@ def preprocess(
     settings: Preprocessing,
     *,
     direction_xyz: Sequence[float],
+    region: Box | None = None,
 ) -> tuple[np.ndarray, PreprocessRecord]:
     """Network input (float32, on the target grid, in the plan's axis order) and the record to
-    map outputs back. `spacing_zyx` and `direction_xyz` are the image's, as in its file."""
+    map outputs back. `spacing_zyx` and `direction_xyz` are the image's, as in its file.
+
+    `region` (start and stop voxel indices in the file's axis order) limits the output to that
+    box of the image (within its nonzero box): a two-stage model's main network sees only what
+    its localiser found. The intensities are normalised with the whole image's statistics, and
+    the record's crop is the region, so `restore` places outputs back exactly.
+    """
     if image.ndim != 3:
         raise ValueError(f"expected a 3D array, got shape {image.shape}")
     transpose = settings.fixed_transpose or axis_transpose(direction_xyz, settings.patient_axes_zyx)
     image = image.transpose(transpose)
     spacing_zyx = [spacing_zyx[a] for a in transpose]
     start, stop = nonzero_box(image) if settings.crop_to_nonzero else ((0, 0, 0), image.shape)
-    cropped = image[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+    crop_start, crop_stop = start, stop
+    if region is not None:
+        crop_start = tuple(max(a, region[0][t]) for a, t in zip(start, transpose, strict=True))
+        crop_stop = tuple(min(b, region[1][t]) for b, t in zip(stop, transpose, strict=True))
+        if any(b <= a for a, b in zip(crop_start, crop_stop, strict=True)):
+            raise ValueError(f"the region {region} holds none of the image's nonzero voxels")
+    cropped_shape = [b - a for a, b in zip(crop_start, crop_stop, strict=True)]
     record = PreprocessRecord(
         original_shape=tuple(int(image.shape[a]) for a in np.argsort(transpose)),
         transpose=transpose,
-        crop_start=tuple(int(a) for a in start),
-        crop_stop=tuple(int(b) for b in stop),
+        crop_start=tuple(int(a) for a in crop_start),
+        crop_stop=tuple(int(b) for b in crop_stop),
         original_spacing_zyx=tuple(float(s) for s in spacing_zyx),
         target_spacing_zyx=tuple(float(s) for s in settings.target_spacing_zyx),
-        resampled_shape=resampled_shape(cropped.shape, spacing_zyx, settings.target_spacing_zyx),
+        resampled_shape=resampled_shape(cropped_shape, spacing_zyx, settings.target_spacing_zyx),
     )
     rs = settings.resampling
     thick = through_plane_axis(
         record.original_spacing_zyx, record.target_spacing_zyx, rs.anisotropy_threshold
     )
-    normalized = normalize(cropped, settings.normalization)
+    window = tuple(
+        slice(a - s, b - s) for a, b, s in zip(crop_start, crop_stop, start, strict=True)
+    )
+    body = image[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+    normalized = normalize(body, settings.normalization, window)
     data = resample(
         normalized,
         record.resampled_shape,
@@ -227,6 +254,21 @@ def preprocess(
         clip=rs.clip_image,
     )
     return data.astype(np.float32, copy=False), record
+
+
+def grid_box_to_input(start: Sequence[int], stop: Sequence[int], record: PreprocessRecord) -> Box:
+    """A box [start, stop) of voxels on the preprocessed grid as the smallest box of input
+    voxels that covers it, in the file's axis order. Resampling aligns the outer voxel edges
+    (`_zoom_axes`), so grid voxel i spans input voxels [i * f, (i + 1) * f) of the crop, with f
+    the ratio of the cropped to the resampled size."""
+    lows, highs = [], []
+    for axis in range(3):
+        factor = record.cropped_shape[axis] / record.resampled_shape[axis]
+        offset = record.crop_start[axis]
+        lows.append(offset + max(0, math.floor(start[axis] * factor)))
+        highs.append(offset + min(record.cropped_shape[axis], math.ceil(stop[axis] * factor)))
+    inverse = record.inverse_transpose
+    return tuple(lows[a] for a in inverse), tuple(highs[a] for a in inverse)
 
 
 def preprocess_label(label: np.ndarray, record: PreprocessRecord) -> np.ndarray:
