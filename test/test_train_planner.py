@@ -216,13 +216,15 @@ def test_anisotropic_thick_axis_takes_the_10th_percentile():
 
 def test_label_modes_and_normalisation_settings(real):
     cfg = config(clip_percentiles=None, nonzero_only=True)
-    cfg.data.labels = "tumor+pancreas"
+    assert cfg.data.labels == "tumor+pancreas"  # the default
     plan = plan_from_fingerprint(real, cfg, "task1")
     assert plan.inference.activation == "softmax"
     assert plan.inference.classes == ("background", "tumor", "pancreas")
     assert plan.preprocessing.normalization.clip_percentiles is None
     assert plan.preprocessing.normalization.nonzero_only is True
-    binary = plan_from_fingerprint(real, config(clip_percentiles=[1.0, 99.0]), "task1")
+    tumor_only = config(clip_percentiles=[1.0, 99.0])
+    tumor_only.data.labels = "tumor"
+    binary = plan_from_fingerprint(real, tumor_only, "task1")
     assert (binary.inference.activation, binary.inference.classes) == ("sigmoid", ("tumor",))
     assert binary.preprocessing.normalization.clip_percentiles == (1.0, 99.0)
     assert binary.inference.folds == ()

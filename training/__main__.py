@@ -10,6 +10,12 @@ command, everything kept in one work folder so that each step can be rerun or re
     python -m training import-nnunet results/Dataset094_X/nnUNetTrainer__nnUNetPlans__3d_fullres \
         --folds 0 1 2 --checkpoint final --out model/   # ship folds trained with nnU-Net v2
 
+Two stages (the default, `cascade` in the configuration): `plan` also plans a localiser on a
+coarse grid in `<work>/localiser/` (a work folder of its own), `preprocess` caches both, `cv`
+trains the localiser's folds on the same split, measures their out-of-fold boxes
+(`<work>/cascade.json`), trains the main network in jittered true boxes and predicts out of fold
+in the localiser's boxes; `export` ships both stages.
+
 Several GPUs: `torchrun --nproc_per_node 4 -m training train --work work/ --fold 0` (or `cv`);
 every process trains, rank 0 validates and writes, and `cv` predicts out-of-fold on rank 0 only.
 
@@ -47,9 +53,17 @@ import numpy as np
 import yaml
 
 from pantherseg.inference.files import atomic_write_text
-from pantherseg.inference.plan import PLAN_FILE, Plan, load_plan, save_plan
+from pantherseg.inference.plan import PLAN_FILE, Localiser, Plan, load_plan, save_plan
 from training.config import ConfigError, TrainingConfig, load_config
-from training.records import MIRRORED_PREFIX, CrossValidation, Planning, RecordError
+from training.records import (
+    MIRRORED_PREFIX,
+    Cascade,
+    CrossValidation,
+    Planning,
+    RecordError,
+    localiser_work,
+)
+from training.regions import RegionSampling
 
 log = logging.getLogger("pantherseg.training")
 
@@ -170,6 +184,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     extra = _extra_labelled(folders, dataset, config.data.labels, config.data.jobs)
     fp = fingerprint(dataset, jobs=config.data.jobs)  # the annotated cases alone
     plan, figures = plan_with_facts(fp, config, dataset.task)
+    stages = _plan_localiser(fp, config, plan, dataset.task) if config.cascade.enabled else None
     data = {
         "root": dataset.root.name,  # provenance for the model card: no path of this machine
         "layout": dataset.layout,
@@ -203,13 +218,59 @@ def cmd_plan(args: argparse.Namespace) -> int:
         + "\n",
     )
     Planning(figures=figures, data=data).save(work)
+    if stages is not None:
+        plan = _write_localiser_work(work, stages, plan, data)
     save_plan(plan, work)
     print(
         f"plan: spacing {plan.preprocessing.target_spacing_zyx} mm, patch "
         f"{plan.inference.patch_size_zyx}, {plan.inference.activation} over "
         f"{plan.inference.classes}; written to {work / PLAN_FILE}"
     )
+    if plan.localiser is not None:
+        print(
+            f"localiser: spacing {plan.localiser.preprocessing.target_spacing_zyx} mm, patch "
+            f"{plan.localiser.inference.patch_size_zyx}, box margin {plan.localiser.margin_mm:g} "
+            f"mm; its work folder is {localiser_work(work)}"
+        )
     return 0
+
+
+def _plan_localiser(fp, config: TrainingConfig, plan: Plan, task: str) -> tuple:
+    """The localiser's configuration, plan and planning figures (two-stage models)."""
+    from training.cascade import localiser_config, localiser_spacing
+    from training.planner import plan_with_facts
+
+    if config.data.labels != "tumor+pancreas":
+        raise WorkflowError(
+            "the two-stage pipeline (cascade.enabled) needs data.labels: tumor+pancreas, since "
+            "its box is the pancreas; set cascade.enabled: false for a tumor-only network"
+        )
+    local = localiser_config(config)
+    local.plan.target_spacing_zyx = list(
+        localiser_spacing(
+            fp, plan.preprocessing.target_spacing_zyx, config.cascade.localiser_voxels
+        )
+    )
+    local_plan, figures = plan_with_facts(fp, local, task)
+    return local, local_plan, figures
+
+
+def _write_localiser_work(work: Path, stages: tuple, plan: Plan, data: dict) -> Plan:
+    """`<work>/localiser/`: a work folder for the localiser (configuration, plan, dataset, the
+    planner's figures); the main plan, with its localiser section."""
+    local, local_plan, figures = stages
+    folder = localiser_work(work)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / CONFIG_FILE, yaml.safe_dump(local.to_dict(), sort_keys=False))
+    atomic_write_text(folder / DATASET_FILE, (work / DATASET_FILE).read_text(encoding="utf-8"))
+    Planning(figures=figures, data=data).save(folder)
+    save_plan(local_plan, folder)
+    localiser = Localiser(
+        preprocessing=local_plan.preprocessing,
+        inference=local_plan.inference,
+        margin_mm=local.cascade.margin_mm,
+    )
+    return dataclasses.replace(plan, localiser=localiser)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -220,14 +281,19 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     extra = _work_extra_cases(args.work)
     if extra:
         dataset = dataclasses.replace(dataset, labelled=dataset.labelled + extra)
-    cached = preprocess_dataset(
-        dataset,
-        plan,
-        args.work / CACHE_DIR,
-        labels=config.data.labels,
-        jobs=config.data.jobs,
-    )
-    print(f"{len(cached)} cases preprocessed in {args.work / CACHE_DIR}")
+    works = [(args.work, config, plan)]
+    if plan.localiser is not None:
+        folder = localiser_work(args.work)
+        works.append((folder, _work_config(folder), _work_plan(folder)))
+    for work, stage_config, stage_plan in works:
+        cached = preprocess_dataset(
+            dataset,
+            stage_plan,
+            work / CACHE_DIR,
+            labels=stage_config.data.labels,
+            jobs=stage_config.data.jobs,
+        )
+        print(f"{len(cached)} cases preprocessed in {work / CACHE_DIR}")
     return 0
 
 
@@ -271,6 +337,7 @@ def _train_one(
     device: str,
     resume: bool,
     init: Path | None = None,
+    region=None,
 ) -> dict:
     from training.trainer import train_fold
 
@@ -290,6 +357,7 @@ def _train_one(
         device=device,
         resume=resume,
         init=init,
+        region=region,
     )
     summary = {**dataclasses.asdict(result), "checkpoint": str(result.checkpoint)}
     if _is_main_process():
@@ -302,14 +370,26 @@ def _train_one(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    plan, region = _work_plan(args.work), None
+    if plan.localiser is not None:
+        cascade = Cascade.load(args.work)
+        if cascade is None:
+            raise WorkflowError(
+                f"{args.work} plans two stages, and the main network trains in the boxes the "
+                f"localiser gives: train the localiser's folds first (`train --work "
+                f"{localiser_work(args.work)} --fold k`), then `cv --resume` measures its boxes "
+                "(and trains what is left); or run `cv` alone"
+            )
+        region = RegionSampling(cascade.margin_mm, cascade.jitter_mm)
     _train_one(
         args.work,
         args.fold,
         _work_config(args.work),
-        _work_plan(args.work),
+        plan,
         args.device,
         args.resume,
         args.init,
+        region,
     )
     return 0
 
@@ -326,6 +406,7 @@ def _fold_checkpoints(work: Path, folds: int) -> list[Path]:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
+    from training.cascade import boxes_of
     from training.crossval import predict_out_of_fold, select_postprocessing
     from training.export import load_network
     from training.trainer import resolve_device
@@ -335,23 +416,26 @@ def cmd_cv(args: argparse.Namespace) -> int:
     cached = _cached_by_id(work)
     splits = _splits(work, config, cached)
     resolve_device(args.device)  # a missing GPU is reported before any fold is trained
+    dataset = _work_dataset(work)
+    cases = {c.case_id: c for c in dataset.labelled}
+    region, regions = None, None
+    if plan.localiser is not None:
+        plan, cascade = _cv_localiser(args, plan, splits, cases)
+        region = RegionSampling(cascade.margin_mm, cascade.jitter_mm)
+        regions = boxes_of(cascade)
     for fold, split in enumerate(splits):
         if (work / f"fold_{fold}" / FOLD_RESULT).is_file() and args.resume:
             print(f"fold {fold}: already trained")
             continue
-        _train_one(work, fold, config, plan, args.device, args.resume, args.init)
+        _train_one(work, fold, config, plan, args.device, args.resume, args.init, region)
         if _is_main_process():
-            # Out-of-fold predictions of an earlier model of this fold are stale now.
-            for case_id, folder in itertools.product(split["val"], (OOF_DIR, OOF_MIRRORED_DIR)):
-                (work / folder / f"{case_id}.npz").unlink(missing_ok=True)
+            _forget_out_of_fold(work, split["val"])
     if not _is_main_process():
         return 0  # out-of-fold prediction and selection are rank 0's
     networks = [load_network(path, config, plan) for path in _fold_checkpoints(work, len(splits))]
-    dataset = _work_dataset(work)
-    cases = {c.case_id: c for c in dataset.labelled}
     device = resolve_device(args.device)
     oof = predict_out_of_fold(
-        plan, networks, splits, cases, work / OOF_DIR, device, amp=config.optim.amp
+        plan, networks, splits, cases, work / OOF_DIR, device, amp=config.optim.amp, regions=regions
     )
     oof_mirrored = []
     if config.cv.measure_mirroring and plan.inference.mirror_axes:
@@ -364,6 +448,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
             device,
             amp=config.optim.amp,
             mirroring="on",
+            regions=regions,
         )
     name, settings, table = select_postprocessing(
         config, plan, oof, cases, jobs=config.data.jobs, mirrored_files=oof_mirrored
@@ -389,9 +474,90 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def _forget_out_of_fold(work: Path, case_ids: list[str]) -> None:
+    """Out-of-fold predictions of an earlier model of these cases' fold are stale now."""
+    for case_id, folder in itertools.product(case_ids, (OOF_DIR, OOF_MIRRORED_DIR)):
+        (work / folder / f"{case_id}.npz").unlink(missing_ok=True)
+
+
+def _cv_localiser(args: argparse.Namespace, plan: Plan, splits: list, cases: dict):
+    """The localiser's folds on the main split, their out-of-fold boxes and what they show
+    (`<work>/cascade.json`); the plan with the localiser's plausibility limits."""
+    from training.cascade import localise_out_of_fold, measure, plausibility
+    from training.crossval import SPLITS_FILE
+    from training.export import load_network
+    from training.trainer import resolve_device
+
+    work, folder = args.work, localiser_work(args.work)
+    local_config, local_plan = _work_config(folder), _work_plan(folder)
+    if _is_main_process() and not (folder / SPLITS_FILE).is_file():
+        atomic_write_text(folder / SPLITS_FILE, (work / SPLITS_FILE).read_text(encoding="utf-8"))
+    _wait_for_rank_zero()
+    retrained = False
+    for fold, split in enumerate(splits):
+        if (folder / f"fold_{fold}" / FOLD_RESULT).is_file() and args.resume:
+            print(f"localiser fold {fold}: already trained")
+            continue
+        _train_one(folder, fold, local_config, local_plan, args.device, args.resume)
+        retrained = True
+        if _is_main_process():
+            _forget_out_of_fold(work, split["val"])  # their boxes change
+    cascade = Cascade.load(work)
+    if cascade is None or retrained:
+        if _is_main_process():
+            min_ml, max_mm = plausibility(list(cases.values()))
+            localiser = dataclasses.replace(
+                plan.localiser, min_foreground_ml=min_ml, max_extent_mm=max_mm
+            )
+            networks = [
+                load_network(path, local_config, local_plan)
+                for path in _fold_checkpoints(folder, len(splits))
+            ]
+            found = localise_out_of_fold(
+                localiser,
+                networks,
+                splits,
+                cases,
+                resolve_device(args.device),
+                amp=local_config.optim.amp,
+            )
+            cascade = measure(found, cases, localiser, _work_config(work).cascade.jitter_mm)
+            cascade.save(work)
+            save_plan(dataclasses.replace(plan, localiser=localiser), work)
+            _print_cascade(cascade)
+        _wait_for_rank_zero()
+        cascade = Cascade.load(work)
+    assert cascade is not None
+    return _work_plan(work), cascade
+
+
+def _print_cascade(cascade: Cascade) -> None:
+    recall = cascade.recall
+    if recall["cases"]:
+        print(
+            f"localiser, out of fold: {recall['mean']:.1%} of tumor voxels inside the boxes on "
+            f"average, worst {recall['min']:.1%} ({recall['worst_case']}); "
+            f"{recall['whole_image_fallbacks']} case(s) fell back to the whole image; the main "
+            f"network trains on true boxes +{cascade.margin_mm:g} mm, sides jittered by up to "
+            f"{cascade.jitter_mm:g} mm"
+        )
+
+
+def _real_patches(work: Path, plan: Plan) -> list[np.ndarray]:
+    """Up to two patches of real cached cases for the export's parity check."""
     from training.cache import load_cached
-    from training.export import export_model
+
+    real = []
+    for case in list(_cached_by_id(work).values())[:2]:
+        image, _ = load_cached(case, mmap=True)
+        patch = plan.inference.patch_size_zyx
+        if all(s >= p for s, p in zip(image.shape[1:], patch, strict=True)):
+            real.append(np.asarray(image[None, :, : patch[0], : patch[1], : patch[2]]))
+    return real
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import LocaliserCheckpoints, export_model
 
     work = args.work
     config, plan = _work_config(work), _work_plan(work)
@@ -407,19 +573,36 @@ def cmd_export(args: argparse.Namespace) -> int:
                 f"{work}: no trained fold (fold_*/best.pt); run `python -m training cv` first"
             )
         log.warning("exporting without cross-validation: post-processing keeps plan defaults")
-    real = []
-    for case in list(_cached_by_id(work).values())[:2]:
-        image, _ = load_cached(case, mmap=True)
-        patch = plan.inference.patch_size_zyx
-        if all(s >= p for s, p in zip(image.shape[1:], patch, strict=True)):
-            real.append(np.asarray(image[None, :, : patch[0], : patch[1], : patch[2]]))
     provenance = {"planning": planning.figures, "data": planning.data}
     if cv is not None:
         provenance["cross_validation"] = dataclasses.asdict(cv)
+    localiser = None
+    if plan.localiser is not None:
+        cascade = Cascade.load(work)
+        if cascade is None:
+            raise WorkflowError(
+                f"{work}: the localiser's boxes were never measured; run `python -m training cv`"
+            )
+        provenance["cascade"] = dataclasses.asdict(cascade)
+        folder = localiser_work(work)
+        local_plan = _work_plan(folder)
+        localiser = LocaliserCheckpoints(
+            _fold_checkpoints(folder, len(checkpoints)),
+            _work_config(folder),
+            local_plan,
+            _real_patches(folder, local_plan),
+        )
     exported = export_model(
-        checkpoints, config, plan, args.out, real_patches=real, provenance=provenance
+        checkpoints,
+        config,
+        plan,
+        args.out,
+        real_patches=_real_patches(work, plan),
+        provenance=provenance,
+        localiser=localiser,
     )
-    print(f"exported {len(exported.inference.folds)} fold(s) to {args.out}")
+    stages = " with their localiser" if exported.localiser is not None else ""
+    print(f"exported {len(exported.inference.folds)} fold(s){stages} to {args.out}")
     return 0
 
 
@@ -431,6 +614,12 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
     work = args.work
     config, plan = _work_config(work), _work_plan(work)
+    if plan.localiser is not None:
+        raise WorkflowError(
+            f"{work} is a two-stage model: pseudo-labels hold the tumor alone, and a two-stage "
+            "round needs pancreas labels too; pseudo-label with a single-stage work folder "
+            "(cascade.enabled: false)"
+        )
     if not (work / SPLITS_FILE).is_file():
         raise WorkflowError(f"{work}: no trained folds; run `python -m training cv` first")
     splits = json.loads((work / SPLITS_FILE).read_text(encoding="utf-8"))

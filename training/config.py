@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    labels: str = "tumor"  # "tumor" (binary) or "tumor+pancreas" (pancreas removed at output)
+    labels: str = "tumor+pancreas"  # or "tumor" (binary); the pancreas is removed at output
     jobs: int = 2
 
 
@@ -104,6 +104,19 @@ class ValidationConfig:
     every_epochs: int = 1
     tile_step: float = 0.5
     batch_size: int = 2
+    target: str = "tumor"  # what the validation Dice scores: "tumor" or "foreground" (any label)
+
+
+@dataclass
+class CascadeConfig:
+    enabled: bool = True
+    localiser_voxels: int = 96  # the median image's longest side on the localiser's grid
+    localiser_patch_size_zyx: list[int] | None = None
+    localiser_base_features: int = 16
+    localiser_max_features: int = 128
+    localiser_epochs: int | None = None
+    margin_mm: float = 30.0
+    jitter_mm: float | None = None
 
 
 @dataclass
@@ -134,6 +147,7 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     cv: CrossValidationConfig = field(default_factory=CrossValidationConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,5 +214,16 @@ def load_config(path: Path | None = None) -> TrainingConfig:
     if config.data.labels not in ("tumor", "tumor+pancreas"):
         raise ConfigError(
             f"data.labels must be 'tumor' or 'tumor+pancreas', not {config.data.labels!r}"
+        )
+    if config.validation.target not in ("tumor", "foreground"):
+        raise ConfigError(
+            f"validation.target must be 'tumor' or 'foreground', not {config.validation.target!r}"
+        )
+    cascade = config.cascade
+    if cascade.margin_mm < 0 or (cascade.jitter_mm is not None and cascade.jitter_mm < 0):
+        raise ConfigError("cascade.margin_mm and cascade.jitter_mm must be >= 0")
+    if cascade.localiser_voxels < 8:
+        raise ConfigError(
+            f"cascade.localiser_voxels must be at least 8, not {cascade.localiser_voxels}"
         )
     return config

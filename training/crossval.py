@@ -27,6 +27,7 @@ from pantherseg.inference.io import check_inference_image, read_image
 from pantherseg.inference.pipeline import Segmenter
 from pantherseg.inference.plan import Plan, Postprocessing
 from pantherseg.inference.postprocess import postprocess
+from pantherseg.inference.preprocess import Box
 from pantherseg.parallel import parallel_map
 from pantherseg.scoring import metrics
 from training.config import TrainingConfig
@@ -87,11 +88,13 @@ def predict_out_of_fold(
     amp: bool = True,
     progress: bool = True,
     mirroring: str = "off",
+    regions: dict[str, Box | None] | None = None,
 ) -> list[Path]:
     """Each validation case's probabilities from the fold that did not train on it, saved as
     `<out_dir>/<case>.npz` (float16). Cases already predicted are kept, so a rerun continues.
     `mirroring` ("off" or "on": over the plan's trained axes) is explicit, not the plan's choice,
-    because cross-validation is what makes that choice."""
+    because cross-validation is what makes that choice. `regions`: each case's out-of-fold
+    localiser box (two-stage models; None for the whole image)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -103,11 +106,19 @@ def predict_out_of_fold(
         if target.is_file():
             continue
         network = fold_networks[fold].to(device).eval()
-        segmenter = Segmenter(plan, [torch_predictor(network, device, amp)], mirroring=mirroring)
+        # The main network alone: the localiser's boxes come in `regions`.
+        segmenter = Segmenter(
+            dataclasses.replace(plan, localiser=None),
+            [torch_predictor(network, device, amp)],
+            mirroring=mirroring,
+        )
         image = read_image(cases[case_id].image)
         array = check_inference_image(image, cases[case_id].image)
         probabilities = segmenter.probabilities(
-            array, tuple(reversed(image.GetSpacing())), image.GetDirection()
+            array,
+            tuple(reversed(image.GetSpacing())),
+            image.GetDirection(),
+            region=(regions or {}).get(case_id),
         )
         with atomic_output(target) as tmp:
             np.savez_compressed(tmp, **{k: v.astype(np.float16) for k, v in probabilities.items()})

@@ -22,7 +22,7 @@ import torch
 
 from pantherseg.inference.engines import OnnxEngine
 from pantherseg.inference.files import atomic_output
-from pantherseg.inference.plan import FoldWeights, Plan, save_plan, sha256_of
+from pantherseg.inference.plan import FoldWeights, Inference, Plan, save_plan, sha256_of
 from training.config import TrainingConfig
 from training.model_card import write_model_card
 from training.networks import build_network
@@ -201,6 +201,49 @@ def export_record(
     return record, fp16
 
 
+@dataclasses.dataclass(frozen=True)
+class LocaliserCheckpoints:
+    """A two-stage model's localiser folds, with the configuration and plan they trained with
+    (its work folder's) and real patches of its grid for the parity check."""
+
+    checkpoints: Sequence[Path]
+    config: TrainingConfig
+    plan: Plan
+    real_patches: Sequence[np.ndarray] = ()
+
+
+def _export_folds(
+    checkpoints: Sequence[Path],
+    config: TrainingConfig,
+    plan: Plan,
+    paths: Sequence[Path],
+    real_patches: Sequence[np.ndarray],
+    written: list[Path],
+) -> list[ExportedFold]:
+    exported = []
+    for index, (checkpoint, path) in enumerate(zip(checkpoints, paths, strict=True)):
+        written.append(path)
+        exported.append(
+            export_checked_fold(
+                load_network(checkpoint, config, plan),
+                plan,
+                path,
+                parity_batches(plan, real_patches, seed=index),
+                config.export.tolerance,
+                config.export.opset,
+            )
+        )
+    return exported
+
+
+def _with_folds(inference: Inference, exported: Sequence[ExportedFold], fp16: bool) -> Inference:
+    return dataclasses.replace(
+        inference,
+        folds=tuple(fold.weights for fold in exported),
+        precision="float16" if fp16 else "float32",
+    )
+
+
 def export_model(
     fold_checkpoints: Sequence[Path],
     config: TrainingConfig,
@@ -208,38 +251,52 @@ def export_model(
     model_dir: Path,
     real_patches: Sequence[np.ndarray] = (),
     provenance: dict[str, Any] | None = None,
+    localiser: LocaliserCheckpoints | None = None,
 ) -> Plan:
-    """Exports every fold, checks parity, and writes plan.json and the model card (with
-    `provenance`: the planner's figures, the data, cross-validation). The plan allows half
-    precision only if every fold's float16 logits stay within `export.fp16_tolerance`."""
+    """Exports every fold (a two-stage model's localiser folds too, as `localiser_fold_k.onnx`),
+    checks parity, and writes plan.json and the model card (with `provenance`: the planner's
+    figures, the data, cross-validation). Each stage allows half precision only if every one of
+    its folds' float16 logits stays within `export.fp16_tolerance`."""
     model_dir = Path(model_dir)
     if not fold_checkpoints:
         raise ExportError("no fold checkpoints to export")
+    if (localiser is None) != (plan.localiser is None):
+        raise ExportError(
+            "the plan has a localiser, but no localiser folds were given"
+            if localiser is None
+            else "localiser folds were given, but the plan has no localiser"
+        )
     settings = config.export
-    exported = []
+    paths = [model_dir / f"fold_{k}.onnx" for k in range(len(fold_checkpoints))]
     with removed_on_failure() as written:
-        for index, checkpoint in enumerate(fold_checkpoints):
-            path = model_dir / f"fold_{index}.onnx"
-            written.append(path)
-            exported.append(
-                export_checked_fold(
-                    load_network(checkpoint, config, plan),
-                    plan,
-                    path,
-                    parity_batches(plan, real_patches, seed=index),
-                    settings.tolerance,
-                    settings.opset,
-                )
+        exported = _export_folds(fold_checkpoints, config, plan, paths, real_patches, written)
+        if localiser is not None:
+            local_paths = [
+                model_dir / f"localiser_fold_{k}.onnx" for k in range(len(localiser.checkpoints))
+            ]
+            local_exported = _export_folds(
+                localiser.checkpoints,
+                localiser.config,
+                localiser.plan,
+                local_paths,
+                localiser.real_patches,
+                written,
             )
     export, fp16 = export_record(
         exported, settings.tolerance, settings.fp16_tolerance, settings.opset
     )
     record = {**(provenance or {}), "export": export}
-    folds = tuple(fold.weights for fold in exported)
-    inference = dataclasses.replace(
-        plan.inference, folds=folds, precision="float16" if fp16 else "float32"
-    )
-    result = dataclasses.replace(plan, inference=inference)
+    result = dataclasses.replace(plan, inference=_with_folds(plan.inference, exported, fp16))
+    if localiser is not None and plan.localiser is not None:
+        local = localiser.config.export
+        record["localiser_export"], local_fp16 = export_record(
+            local_exported, local.tolerance, local.fp16_tolerance, local.opset
+        )
+        stage = dataclasses.replace(
+            plan.localiser,
+            inference=_with_folds(plan.localiser.inference, local_exported, local_fp16),
+        )
+        result = dataclasses.replace(result, localiser=stage)
     save_plan(result, model_dir)
     write_model_card(result, config, model_dir, record)
     return result

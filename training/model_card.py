@@ -21,7 +21,7 @@ import torch
 
 import pantherseg
 from pantherseg.inference.files import atomic_write_text
-from pantherseg.inference.plan import Plan
+from pantherseg.inference.plan import Plan, all_folds
 from pantherseg.plan_upgrade import without_absolute_paths
 from pantherseg.scoring.metrics import CASE_MEAN_METRICS
 from training.config import TrainingConfig
@@ -67,7 +67,7 @@ def write_model_card(
             "values": {"0": "background", "1": "tumor"},
         },
         "network": dataclasses.asdict(config.network),
-        "folds": [f.file for f in plan.inference.folds],
+        "folds": [f.file for f in all_folds(plan)],
         **without_absolute_paths(provenance),
         "versions": _versions(),
         "intended_use": "research on pancreatic tumor segmentation in the PANTHER challenge; "
@@ -109,7 +109,7 @@ def write_model_card(
 | metric | value |
 | --- | --- |
 {rows or "| (not run) | |"}{by_volume}
-
+{_cascade_section(plan, provenance.get("cascade"))}
 ## Intended use
 
 Research on automatic pancreatic tumor segmentation (PANTHER challenge). Not a medical device; not
@@ -118,6 +118,42 @@ for clinical decisions.
 Versions: {", ".join(f"{k} {v}" for k, v in metadata["versions"].items())}.
 """
     atomic_write_text(model_dir / CARD_FILE, card)
+
+
+def _cascade_section(plan: Plan, cascade: dict[str, Any] | None) -> str:
+    """Two stages: the localiser's grid and its out-of-fold recall, per case, worst case first."""
+    if plan.localiser is None:
+        return ""
+    local = plan.localiser
+    lines = [
+        "",
+        "## Two stages: the localiser",
+        "",
+        f"A localiser ({len(local.inference.folds)} fold(s), patch {local.inference.patch_size_zyx}"
+        f" at spacing {local.preprocessing.target_spacing_zyx} mm) finds the pancreas and tumor; "
+        f"the network above runs in their box grown by {local.margin_mm:g} mm. A region under "
+        f"{local.min_foreground_ml:g} mL or longer than {local.max_extent_mm:g} mm is implausible"
+        " and the network runs over the whole image instead.",
+    ]
+    if cascade:
+        recall = cascade["recall"]
+        if recall.get("cases"):
+            lines += [
+                "",
+                f"Out of fold, {recall['mean']:.1%} of tumor voxels lie inside the boxes on "
+                f"average (worst case {recall['worst_case']}: {recall['min']:.1%}); "
+                f"{recall['whole_image_fallbacks']} case(s) fell back to the whole image. The "
+                f"network trained on true boxes with sides jittered by up to "
+                f"{cascade['jitter_mm']:g} mm"
+                + (" (the localiser's measured error)." if cascade["jitter_measured"] else "."),
+            ]
+        rows = sorted(
+            (e["recall"], c) for c, e in cascade["cases"].items() if e["recall"] is not None
+        )
+        if rows:
+            lines += ["", "| case | tumor inside the box |", "| --- | --- |"]
+            lines += [f"| {case} | {value:.1%} |" for value, case in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _mirroring_reason(cv: dict[str, Any]) -> str:

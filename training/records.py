@@ -4,6 +4,8 @@ only what inference reads, and export copies these into the model card's `metada
 
     <work>/planning.json           the planner's figures and the training data's description
     <work>/cross_validation.json   folds, the chosen post-processing and every variant's scores
+    <work>/cascade.json            two stages: the localiser's out-of-fold boxes and their recall
+    <work>/localiser/              two stages: the localiser's own work folder (same files)
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ from pantherseg.inference.files import atomic_write_text
 
 PLANNING_FILE = "planning.json"
 CROSS_VALIDATION_FILE = "cross_validation.json"
+CASCADE_FILE = "cascade.json"
+LOCALISER_DIR = "localiser"
 # Names of post-processing variants scored on the mirrored out-of-fold predictions start so.
 MIRRORED_PREFIX = "mirrored_"
+
+
+def localiser_work(work: Path) -> Path:
+    """The work folder of a two-stage model's localiser, inside the main one."""
+    return Path(work) / LOCALISER_DIR
 
 
 class RecordError(ValueError):
@@ -106,3 +115,35 @@ class CrossValidation:
         if not ok:
             raise RecordError(f"{path}: a field has the wrong type")
         return record
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """What the localiser's out-of-fold boxes showed (two-stage models): the margin, the jitter
+    the main network trained with, the plausibility limits, the share of tumor inside the boxes
+    (mean, worst case) and per case the box, the region found, its side errors and recall."""
+
+    margin_mm: float
+    jitter_mm: float
+    jitter_measured: bool
+    min_foreground_ml: float
+    max_extent_mm: float
+    recall: dict[str, Any]
+    cases: dict[str, dict[str, Any]]
+
+    def save(self, work: Path) -> Path:
+        return _write(Path(work) / CASCADE_FILE, self)
+
+    @classmethod
+    def load(cls, work: Path) -> Cascade | None:
+        """The work folder's record, or None when the localiser has not been measured."""
+        path = Path(work) / CASCADE_FILE
+        if not path.is_file():
+            return None
+        data = _read(path)
+        try:
+            return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        except KeyError as error:
+            raise RecordError(
+                f"{path}: no {error}; run `python -m training cv --resume` again"
+            ) from None

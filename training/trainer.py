@@ -46,6 +46,7 @@ from training.cache import CachedCase, load_cached
 from training.config import TrainingConfig
 from training.losses import build_loss
 from training.networks import build_network
+from training.regions import RegionSampling, foreground_box, region_box, window
 from training.seeding import derived_seed, seed_everything
 from training.transforms import train_transforms
 
@@ -72,14 +73,27 @@ class DeviceError(RuntimeError):
 
 
 class PatchDataset(Dataset):
-    """One epoch of training patches; item i of epoch e depends only on (seed, fold, e, i)."""
+    """One epoch of training patches; item i of epoch e depends only on (seed, fold, e, i).
+
+    With `region` (a two-stage model's main network) each patch comes from the case's true
+    pancreas and tumor box grown by the margin and jittered, as the localiser's box would be."""
 
     def __init__(
-        self, cases: Sequence[CachedCase], config: TrainingConfig, plan: Plan, fold: int
+        self,
+        cases: Sequence[CachedCase],
+        config: TrainingConfig,
+        plan: Plan,
+        fold: int,
+        region: RegionSampling | None = None,
     ) -> None:
         if not cases:
             raise ValueError("no training cases")
         self.cases = list(cases)
+        self.region = region
+        self.boxes = (
+            {c.case_id: foreground_box(load_cached(c)[1][0]) for c in cases} if region else {}
+        )
+        self.spacing = plan.preprocessing.target_spacing_zyx
         self.transforms = train_transforms(config, plan)
         self.length = config.optim.iterations_per_epoch * config.sampling.batch_size
         self.seed = config.seed
@@ -93,6 +107,10 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng(derived_seed(self.seed, _SAMPLE, self.fold, self.epoch, index))
         case = self.cases[int(rng.integers(len(self.cases)))]
         image, label = load_cached(case, mmap=True)
+        box = self.boxes.get(case.case_id)
+        if self.region is not None and box is not None:
+            inside = window(region_box(box, self.spacing, label.shape[1:], self.region, rng))
+            image, label = image[inside], label[inside]
         self.transforms.set_random_state(
             seed=derived_seed(self.seed, _AUGMENT, self.fold, self.epoch, index)
         )
@@ -125,13 +143,27 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def validate_cases(
-    predictor: Predictor, cases: Sequence[CachedCase], plan: Plan, tile_step: float, batch_size: int
+    predictor: Predictor,
+    cases: Sequence[CachedCase],
+    plan: Plan,
+    tile_step: float,
+    batch_size: int,
+    target: str = "tumor",
+    region: RegionSampling | None = None,
 ) -> dict[str, float]:
-    """Mean Dice and HD95 over whole validation cases on the network grid (threshold 0.5)."""
+    """Mean Dice and HD95 over whole validation cases on the network grid (threshold 0.5), of the
+    tumor or of the foreground (every label: a localiser's target); within each case's true box
+    grown by the margin when `region` is given (a two-stage model's main network)."""
     dices, hd95s = [], []
     spacing = plan.preprocessing.target_spacing_zyx
     for case in cases:
         image, label = load_cached(case, mmap=True)
+        box = foreground_box(label[0]) if region is not None else None
+        if box is not None:
+            inside = window(
+                region_box(box, spacing, label.shape[1:], RegionSampling(region.margin_mm))
+            )
+            image, label = image[inside], label[inside]
         logits = sliding_window_predict(
             np.asarray(image, dtype=np.float32),
             predictor,
@@ -139,11 +171,15 @@ def validate_cases(
             step_fraction=tile_step,
             batch_size=batch_size,
         )
-        tumor = class_probabilities(logits, plan.inference, ["tumor"])["tumor"] >= 0.5
-        truth = np.asarray(label[0]) == 1
+        if target == "foreground":
+            background = class_probabilities(logits, plan.inference, ["background"])
+            found, truth = background["background"] <= 0.5, np.asarray(label[0]) > 0
+        else:
+            found = class_probabilities(logits, plan.inference, ["tumor"])["tumor"] >= 0.5
+            truth = np.asarray(label[0]) == 1
         if not truth.any():
             continue  # the challenge metrics are undefined without a tumor
-        scores = metrics.score_case(truth, tumor, spacing)
+        scores = metrics.score_case(truth, found, spacing)
         dices.append(scores.dice)
         hd95s.append(scores.hd95)
     if not dices:
@@ -408,9 +444,11 @@ def train_fold(
     resume: bool = False,
     progress: bool = True,
     init: Path | None = None,
+    region: RegionSampling | None = None,
 ) -> FoldResult:
     """Trains one fold into `out_dir`; `resume` continues from `out_dir/last.pt` exactly, `init`
-    starts from the matching tensors of a checkpoint (fine-tuning).
+    starts from the matching tensors of a checkpoint (fine-tuning), `region` samples patches and
+    validates in the true boxes (a two-stage model's main network).
 
     Model selection: the epoch with the best validation Dice is saved as `best.pt` (without
     validation cases, the lowest training loss). When validation never yields a Dice (no tumor in
@@ -434,6 +472,7 @@ def train_fold(
             resume=resume,
             progress=progress,
             init=init,
+            region=region,
         )
     finally:
         context.close()
@@ -451,6 +490,7 @@ def _train(
     resume: bool,
     progress: bool,
     init: Path | None,
+    region: RegionSampling | None,
 ) -> FoldResult:
     """train_fold once the device and the process group are set: starting weights (resumed,
     fine-tuned or fresh), then the epochs, with rank 0's TensorBoard log open throughout."""
@@ -479,6 +519,7 @@ def _train(
         checkpoint,
         train_cases,
         progress,
+        region,
     )
     writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR)) if context.is_main else None
     try:
@@ -600,8 +641,10 @@ class _FoldRun:
         checkpoint: dict | None,
         train_cases: Sequence[CachedCase],
         progress: bool,
+        region: RegionSampling | None,
     ) -> None:
         self.config, self.plan, self.fold, self.out_dir = config, plan, fold, out_dir
+        self.region = region
         self.device, self.context, self.progress = device, context, progress
         self.loss_function = loss_function
         self.state = state
@@ -617,7 +660,7 @@ class _FoldRun:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.network, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.dataset = PatchDataset(train_cases, config, plan, fold)
+        self.dataset = PatchDataset(train_cases, config, plan, fold, region)
         self.indices = rank_indices(
             len(self.dataset), context.rank, context.world_size, config.sampling.batch_size
         )
@@ -728,6 +771,8 @@ class _FoldRun:
                 self.plan,
                 self.config.validation.tile_step,
                 self.config.validation.batch_size,
+                target=self.config.validation.target,
+                region=self.region,
             )
         return self.context.broadcast(validation)
 

@@ -21,12 +21,14 @@ from pantherseg.inference.preprocess import Box
 @dataclass(frozen=True)
 class Localisation:
     """`box`: the input voxels (start, stop per axis, file order) the main network runs on;
-    None for the whole image, with `reason` saying why."""
+    None for the whole image, with `reason` saying why. `core`: the box of the region found,
+    before the margin."""
 
     box: Box | None
     reason: str = ""
     foreground_ml: float = 0.0
     extent_mm: float = 0.0
+    core: Box | None = None
 
     def describe(self, shape: Sequence[int]) -> str:
         if self.box is None:

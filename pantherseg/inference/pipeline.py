@@ -22,6 +22,7 @@ from pantherseg.inference.localise import Localisation, grown_box, locate_foregr
 from pantherseg.inference.plan import (
     MIRRORING_CHOICES,
     Inference,
+    Localiser,
     Plan,
     Preprocessing,
     fold_paths,
@@ -276,29 +277,17 @@ class Segmenter:
     ) -> Localisation:
         """The box the main network runs in, from the localiser (a single-stage model, or a
         localiser that finds nothing plausible: the whole image, with the reason)."""
-        localiser = self.plan.localiser
-        if self.localiser is None or localiser is None:
+        if self.localiser is None or self.plan.localiser is None:
             return Localisation(None, "single-stage model")
-        timings = timings if timings is not None else Timings()
-        stage_timings = Timings()
-        logits, record = self.localiser.logits(
-            image, spacing_zyx, direction_xyz, progress, stage_timings
+        return locate(
+            self.localiser,
+            self.plan.localiser,
+            image,
+            spacing_zyx,
+            direction_xyz,
+            progress,
+            timings if timings is not None else Timings(),
         )
-        for name, seconds in stage_timings.seconds.items():
-            timings.seconds[f"localiser {name}"] = seconds
-        with timings.stage("localiser box"):
-            background = class_probabilities(logits, localiser.inference, ["background"])
-            found = locate_foreground(
-                background["background"] <= 1.0 - localiser.threshold,
-                record.target_spacing_zyx,
-                localiser,
-            )
-            if found.box is None:
-                return found
-            box = grid_box_to_input(*found.box, record)
-            return dataclasses.replace(
-                found, box=grown_box(box, spacing_zyx, localiser.margin_mm, image.shape)
-            )
 
     def probabilities(
         self,
@@ -375,6 +364,36 @@ class Segmenter:
                 candidates=restored.get("argmax_tumor"),
             )
         return Segmentation(mask, report, timings, found)
+
+
+def locate(
+    stage: NetworkStage,
+    localiser: Localiser,
+    image: np.ndarray,
+    spacing_zyx: Sequence[float],
+    direction_xyz: Sequence[float],
+    progress: bool,
+    timings: Timings,
+) -> Localisation:
+    """The localiser's box in input voxels grown by the margin (its stages timed with a
+    "localiser" prefix), or no box with the reason. Training calls it with each fold's network
+    to run the whole chain out of fold."""
+    stage_timings = Timings()
+    logits, record = stage.logits(image, spacing_zyx, direction_xyz, progress, stage_timings)
+    for name, seconds in stage_timings.seconds.items():
+        timings.seconds[f"localiser {name}"] = seconds
+    with timings.stage("localiser box"):
+        background = class_probabilities(logits, localiser.inference, ["background"])
+        found = locate_foreground(
+            background["background"] <= 1.0 - localiser.threshold,
+            record.grid_spacing_zyx,
+            localiser,
+        )
+        if found.box is None:
+            return found
+        core = grid_box_to_input(*found.box, record)
+        box = grown_box(core, spacing_zyx, localiser.margin_mm, image.shape)
+        return dataclasses.replace(found, box=box, core=core)
 
 
 def _check_engine(engine: OnnxEngine, path: Path, inference: Inference) -> None:

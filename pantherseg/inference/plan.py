@@ -451,15 +451,20 @@ def load_plan(model_dir: Path, verify_weights: bool = True) -> Plan:
         raise PlanError(f"{path}: not valid JSON ({error})") from None
     plan = plan_from_json(data, path, require_folds=verify_weights)
     if verify_weights:
-        for fold in all_folds(plan):
-            weights = Path(model_dir) / fold.file
-            _require(weights.is_file(), path, f"weight file {fold.file} is missing")
-            actual = sha256_of(weights)
-            _require(
-                actual == fold.sha256,
-                path,
-                f"weight file {fold.file} has sha256 {actual}, the plan expects {fold.sha256}",
-            )
+        stages = [("", plan.inference)]
+        if plan.localiser is not None:
+            stages.append(("localiser: ", plan.localiser.inference))
+        for stage, inference in stages:
+            for fold in inference.folds:
+                weights = Path(model_dir) / fold.file
+                _require(weights.is_file(), path, f"{stage}weight file {fold.file} is missing")
+                actual = sha256_of(weights)
+                _require(
+                    actual == fold.sha256,
+                    path,
+                    f"{stage}weight file {fold.file} has sha256 {actual}, the plan expects "
+                    f"{fold.sha256}",
+                )
     return plan
 
 

@@ -16,7 +16,6 @@ slices), which a single SimpleITK resampler cannot do.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +48,17 @@ class PreprocessRecord:
     @property
     def cropped_shape(self) -> tuple[int, int, int]:
         return tuple(b - a for a, b in zip(self.crop_start, self.crop_stop, strict=True))
+
+    @property
+    def grid_spacing_zyx(self) -> tuple[float, float, float]:
+        """The resampled grid's actual spacing: the target spacing up to the rounding of the
+        grid size to whole voxels."""
+        return tuple(
+            n * s / r
+            for n, s, r in zip(
+                self.cropped_shape, self.original_spacing_zyx, self.resampled_shape, strict=True
+            )
+        )
 
     @property
     def transposed_shape(self) -> tuple[int, int, int]:
@@ -262,11 +272,11 @@ def grid_box_to_input(start: Sequence[int], stop: Sequence[int], record: Preproc
     (`_zoom_axes`), so grid voxel i spans input voxels [i * f, (i + 1) * f) of the crop, with f
     the ratio of the cropped to the resampled size."""
     lows, highs = [], []
-    for axis in range(3):
-        factor = record.cropped_shape[axis] / record.resampled_shape[axis]
+    for axis in range(3):  # integer arithmetic: an edge on an input voxel edge stays there
+        cropped, resampled = record.cropped_shape[axis], record.resampled_shape[axis]
         offset = record.crop_start[axis]
-        lows.append(offset + max(0, math.floor(start[axis] * factor)))
-        highs.append(offset + min(record.cropped_shape[axis], math.ceil(stop[axis] * factor)))
+        lows.append(offset + max(0, start[axis] * cropped // resampled))
+        highs.append(offset + min(cropped, -(-stop[axis] * cropped // resampled)))
     inverse = record.inverse_transpose
     return tuple(lows[a] for a in inverse), tuple(highs[a] for a in inverse)
 
