@@ -381,7 +381,8 @@ def locate(
     stage_timings = Timings()
     logits, record = stage.logits(image, spacing_zyx, direction_xyz, progress, stage_timings)
     for name, seconds in stage_timings.seconds.items():
-        timings.seconds[f"localiser {name}"] = seconds
+        key = f"localiser {name}"
+        timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
     with timings.stage("localiser box"):
         background = class_probabilities(logits, localiser.inference, ["background"])
         found = locate_foreground(
