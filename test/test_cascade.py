@@ -368,7 +368,7 @@ def test_the_reason_is_on_the_stdout_of_the_container_entrypoint(case, tmp_path)
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    assert "INFO localiser: the largest pancreas region found holds 23.76 mL" in result.stdout
+    assert "INFO localiser: the pancreas region found holds 23.76 mL" in result.stdout
     assert "the region network runs over the whole image" in result.stdout
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / OUTPUT / "case.mha")))
     assert dice(written, case.tumor) > 0.9
@@ -386,17 +386,22 @@ def test_an_image_without_a_pancreas_is_segmented_whole_and_logged(case, caplog)
     assert result.mask.shape == image.shape
 
 
-def test_locate_foreground_keeps_the_largest_26_connected_component():
+def test_locate_foreground_keeps_the_largest_component_and_those_of_comparable_size():
     localiser = localiser_stage(FoldWeights("x.onnx", "0" * 64), min_foreground_ml=0.0)
     foreground = np.zeros((6, 7, 8), bool)
     foreground[1, 1, 1] = foreground[2, 2, 2] = foreground[3, 3, 3] = True  # corners touch
-    foreground[0:2, 5:7, 5:8] = True  # 12 voxels, larger than the diagonal's 3
+    foreground[0:2, 5:7, 5:8] = True  # 12 voxels: the diagonal's 3 are a quarter of it
     found = locate_foreground(foreground, (2.0, 1.0, 0.5), localiser)
-    assert found.box == ((0, 5, 5), (2, 7, 8))
-    assert found.foreground_ml == pytest.approx(12 * 1.0 / 1000)
-    assert found.extent_mm == pytest.approx(4.0)
+    assert found.box == ((0, 1, 1), (4, 7, 8))  # one pancreas split in two by the localiser
+    assert found.foreground_ml == pytest.approx(15 * 1.0 / 1000)
+    assert found.extent_mm == pytest.approx(8.0)
+    strict = dataclasses.replace(localiser, component_share=0.3)
+    alone = locate_foreground(foreground, (2.0, 1.0, 0.5), strict)
+    assert alone.box == ((0, 5, 5), (2, 7, 8))  # a small stray blob does not widen the box
+    assert alone.foreground_ml == pytest.approx(12 * 1.0 / 1000)
+    assert alone.extent_mm == pytest.approx(4.0)
     foreground[0:2, 5:7, 5:8] = False
-    assert locate_foreground(foreground, (2.0, 1.0, 0.5), localiser).box == ((1, 1, 1), (4, 4, 4))
+    assert locate_foreground(foreground, (2.0, 1.0, 0.5), strict).box == ((1, 1, 1), (4, 4, 4))
     nothing = locate_foreground(np.zeros((3, 3, 3), bool), (1, 1, 1), localiser)
     assert nothing.box is None and nothing.reason == "no pancreas found"
 

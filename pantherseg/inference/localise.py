@@ -45,23 +45,24 @@ class Localisation:
 def locate_foreground(
     foreground: np.ndarray, spacing_zyx: Sequence[float], localiser: Localiser
 ) -> Localisation:
-    """The box (on the localiser's grid) of the largest 26-connected component of `foreground`,
-    or no box with the reason when there is none or it is implausible."""
+    """The box (on the localiser's grid) of the pancreas region: the largest 26-connected
+    component of `foreground` and every other one at least `component_share` of its volume (a
+    coarse localiser may split one pancreas in two), or no box with the reason when there is none
+    or it is implausible."""
     labels, count = ndimage.label(foreground, structure=np.ones((3, 3, 3), dtype=bool))
     if count == 0:
         return Localisation(None, "no pancreas found")
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    largest = int(np.argmax(sizes))
-    box = ndimage.find_objects(labels)[largest]
-    millilitres = float(sizes[largest]) * float(np.prod(spacing_zyx)) / 1000.0
-    extent = max((s.stop - s.start) * float(d) for s, d in zip(box, spacing_zyx, strict=True))
-    found = Localisation(
-        (tuple(s.start for s in box), tuple(s.stop for s in box)), "", millilitres, extent
-    )
+    kept = np.flatnonzero(sizes >= localiser.component_share * sizes.max())
+    boxes = [ndimage.find_objects(labels)[k] for k in kept]
+    start = tuple(min(b[axis].start for b in boxes) for axis in range(3))
+    stop = tuple(max(b[axis].stop for b in boxes) for axis in range(3))
+    millilitres = float(sizes[kept].sum()) * float(np.prod(spacing_zyx)) / 1000.0
+    extent = max((b - a) * float(d) for a, b, d in zip(start, stop, spacing_zyx, strict=True))
     if millilitres < localiser.min_foreground_ml:
         reason = (
-            f"the largest pancreas region found holds {millilitres:.2f} mL, less than the "
-            f"plausible {localiser.min_foreground_ml:g} mL"
+            f"the pancreas region found holds {millilitres:.2f} mL, less than the plausible "
+            f"{localiser.min_foreground_ml:g} mL"
         )
         return Localisation(None, reason, millilitres, extent)
     if extent > localiser.max_extent_mm:
@@ -70,7 +71,7 @@ def locate_foreground(
             f"{localiser.max_extent_mm:g} mm"
         )
         return Localisation(None, reason, millilitres, extent)
-    return found
+    return Localisation((start, stop), "", millilitres, extent)
 
 
 def grown_box(

@@ -156,8 +156,9 @@ class Localiser:
     whose pancreas-and-tumor region, grown by `margin_mm`, is all the main network sees.
 
     The region is the largest connected component of the voxels whose foreground probability
-    (1 - background) reaches `threshold`. It is implausible, and the main network runs over the
-    whole image, when it holds less than `min_foreground_ml` or its longest side exceeds
+    (1 - background) reaches `threshold`, with every other component of at least
+    `component_share` of its volume. It is implausible, and the main network runs over the whole
+    image, when it holds less than `min_foreground_ml` or its longest side exceeds
     `max_extent_mm` (training sets both from the annotated cases).
     """
 
@@ -167,6 +168,7 @@ class Localiser:
     threshold: float = 0.5
     min_foreground_ml: float = 1.0
     max_extent_mm: float = 400.0
+    component_share: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,11 @@ def _localiser_from(value: Any, where: Path, require_folds: bool) -> Localiser |
             "max_extent_mm must be a positive number",
         )
         _require(0 < localiser.threshold < 1, where, "threshold must be in (0, 1)")
+        _require(
+            _is_number(localiser.component_share) and 0 < localiser.component_share <= 1,
+            where,
+            "component_share must be in (0, 1]",
+        )
     except PlanError as error:
         raise PlanError(str(error).replace(f"{where}: ", f"{where}: localiser: ", 1)) from None
     return localiser
