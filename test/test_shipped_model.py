@@ -1,11 +1,12 @@
 """The model shipped in model/ and the sample case in test/: the plan loads with every fold's
 sha256 checked, the folder fits the 50 MB budget, the card says what the weights are and how they
-score, every fold runs, and (slow) the container's entrypoint reproduces test/expected_output from
-test/input."""
+score, every fold of both stages runs, and (slow) the container's entrypoint reproduces
+test/expected_output from test/input with a mask of the model's own (no fallback)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,13 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
 def test_model_loads_fits_the_budget_and_says_what_it_is():
     plan = load_plan(MODEL)  # refuses any fold whose sha256 differs from the plan's
     assert len(plan.inference.folds) == 3
+    assert plan.localiser is not None and len(plan.localiser.inference.folds) == 3
     size = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
     assert size < 50 * 2**20, f"model/ holds {size / 2**20:.1f} MiB"
     card = (MODEL / "README.md").read_text()
     assert "synthetic phantoms only" in card
     assert "## Cross-validation" in card and "## Held-out phantoms" in card
+    assert "## Two stages: the localiser" in card
     metadata = json.loads((MODEL / "metadata.json").read_text())
     assert metadata["data"]["synthetic"] is True
     assert "Held-out phantoms" in metadata["evaluations"]
@@ -63,13 +66,16 @@ def test_model_loads_fits_the_budget_and_says_what_it_is():
     assert plan.inference.mirror_axes == (0, 1, 2)  # what training flipped (the demo recipe)
 
 
-def test_every_fold_runs_a_tile():
+def test_every_fold_of_both_stages_runs_a_tile():
     plan = load_plan(MODEL)
-    tile = np.random.default_rng(0).normal(size=(1, 1, *plan.inference.patch_size_zyx))
-    for path in fold_paths(plan.inference, MODEL):
-        logits = OnnxEngine(path, device="cpu", threads=1)(tile.astype(np.float32))
-        assert logits.shape == (1, 1, *plan.inference.patch_size_zyx)
-        assert np.isfinite(logits).all()
+    assert plan.localiser is not None
+    for inference in (plan.inference, plan.localiser.inference):
+        patch = inference.patch_size_zyx
+        tile = np.random.default_rng(0).normal(size=(1, 1, *patch)).astype(np.float32)
+        for path in fold_paths(inference, MODEL):
+            logits = OnnxEngine(path, device="cpu", threads=1)(tile)
+            assert logits.shape == (1, len(inference.classes), *patch)
+            assert np.isfinite(logits).all()
 
 
 def test_sample_case_is_one_job_with_its_expected_mask_and_label():
@@ -86,10 +92,14 @@ def test_sample_case_is_one_job_with_its_expected_mask_and_label():
 
 
 @pytest.mark.slow
-def test_entrypoint_reproduces_the_expected_output(tmp_path):
+def test_entrypoint_reproduces_the_expected_output(tmp_path, caplog):
     output = tmp_path / "output"
     argv = ["--input", str(SAMPLE_INPUT), "--output", str(output), "--model", str(MODEL)]
-    assert process.main([*argv, "--device", "cpu"]) == 0
+    with caplog.at_level(logging.INFO, logger="pantherseg"):
+        assert process.main([*argv, "--device", "cpu"]) == 0
+    # The mask is the model's: the localiser found the pancreas and no fallback supplied it.
+    assert "localiser: pancreas region of" in caplog.text
+    assert "empty result avoided" not in caplog.text
     written = [p for p in output.rglob("*") if p.is_file()]
     assert written == [output / OUTPUT_SOCKET / sample_image().name]
     got_image, got = read(written[0])
