@@ -420,7 +420,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     cases = {c.case_id: c for c in dataset.labelled}
     region, regions = None, None
     if plan.localiser is not None:
-        plan, cascade = _cv_localiser(args, plan, splits, cases)
+        plan, cascade = _cv_localiser(args, config, plan, splits, cases)
         region = RegionSampling(cascade.margin_mm, cascade.jitter_mm)
         regions = boxes_of(cascade)
     for fold, split in enumerate(splits):
@@ -480,7 +480,9 @@ def _forget_out_of_fold(work: Path, case_ids: list[str]) -> None:
         (work / folder / f"{case_id}.npz").unlink(missing_ok=True)
 
 
-def _cv_localiser(args: argparse.Namespace, plan: Plan, splits: list, cases: dict):
+def _cv_localiser(
+    args: argparse.Namespace, config: TrainingConfig, plan: Plan, splits: list, cases: dict
+):
     """The localiser's folds on the main split, their out-of-fold boxes and what they show
     (`<work>/cascade.json`); the plan with the localiser's plausibility limits."""
     from training.cascade import localise_out_of_fold, measure, plausibility
@@ -521,7 +523,7 @@ def _cv_localiser(args: argparse.Namespace, plan: Plan, splits: list, cases: dic
                 resolve_device(args.device),
                 amp=local_config.optim.amp,
             )
-            cascade = measure(found, cases, localiser, _work_config(work).cascade.jitter_mm)
+            cascade = measure(found, cases, localiser, config.cascade.jitter_mm)
             cascade.save(work)
             save_plan(dataclasses.replace(plan, localiser=localiser), work)
             _print_cascade(cascade)

@@ -6,12 +6,12 @@ inference will give it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from pantherseg.inference.localise import margin_voxels
 from pantherseg.inference.preprocess import Box, nonzero_box
 
 
@@ -39,14 +39,14 @@ def region_box(
     sampling: RegionSampling,
     rng: np.random.Generator | None = None,
 ) -> Box:
-    """`box` grown by the margin (rounded up to whole voxels), each side moved by the jitter when
-    `rng` is given, within the image and never empty."""
+    """`box` grown by the margin (rounded up to whole voxels) with each side moved by the jitter
+    when `rng` is given, within the image and never empty; without `rng`, `grown_box`."""
     start, stop = [], []
     for axis in range(3):
         sides = []
         for _ in range(2):
             shift = rng.uniform(-sampling.jitter_mm, sampling.jitter_mm) if rng else 0.0
-            sides.append(math.ceil((sampling.margin_mm + shift) / spacing_zyx[axis] - 1e-9))
+            sides.append(margin_voxels(sampling.margin_mm + shift, spacing_zyx[axis]))
         low = min(max(0, box[0][axis] - sides[0]), shape[axis] - 1)
         high = max(min(shape[axis], box[1][axis] + sides[1]), low + 1)
         start.append(low)

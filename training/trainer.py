@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pantherseg.inference.files import atomic_output, atomic_write_text
+from pantherseg.inference.localise import grown_box
 from pantherseg.inference.pipeline import class_probabilities
 from pantherseg.inference.plan import Plan
 from pantherseg.inference.sliding_window import Predictor, sliding_window_predict
@@ -160,9 +161,7 @@ def validate_cases(
         image, label = load_cached(case, mmap=True)
         box = foreground_box(label[0]) if region is not None else None
         if box is not None:
-            inside = window(
-                region_box(box, spacing, label.shape[1:], RegionSampling(region.margin_mm))
-            )
+            inside = window(grown_box(box, spacing, region.margin_mm, label.shape[1:]))
             image, label = image[inside], label[inside]
         logits = sliding_window_predict(
             np.asarray(image, dtype=np.float32),

@@ -74,11 +74,16 @@ def locate_foreground(
     return Localisation((start, stop), "", millilitres, extent)
 
 
+def margin_voxels(margin_mm: float, spacing_mm: float) -> int:
+    """A margin in mm as whole voxels, rounded up (a margin of exactly n voxels stays n)."""
+    return math.ceil(margin_mm / spacing_mm - 1e-9)
+
+
 def grown_box(
     box: Box, spacing_zyx: Sequence[float], margin_mm: float, shape: Sequence[int]
 ) -> Box:
     """`box` grown by `margin_mm` on every side (rounded up to whole voxels), within the image."""
-    margins = [math.ceil(margin_mm / s - 1e-9) for s in spacing_zyx]
+    margins = [margin_voxels(margin_mm, s) for s in spacing_zyx]
     start = tuple(max(0, a - m) for a, m in zip(box[0], margins, strict=True))
     stop = tuple(min(n, b + m) for b, m, n in zip(box[1], margins, shape, strict=True))
     return start, stop

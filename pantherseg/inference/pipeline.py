@@ -216,7 +216,6 @@ class Segmenter:
         self.region = NetworkStage(
             plan.preprocessing, plan.inference, folds, on_gpu=on_gpu, mirroring=mirroring
         )
-        self.mirror_axes = self.region.mirror_axes
         self.localiser = None
         if plan.localiser is not None:
             # The localiser mirrors as its plan says: `mirroring` is the main network's choice.
@@ -229,7 +228,8 @@ class Segmenter:
             )
         elif localiser_folds:
             raise ValueError("localiser weights were given, but the plan has no localiser")
-        flips = f"mirroring axes {list(self.mirror_axes)}" if self.mirror_axes else "no mirroring"
+        axes = self.region.mirror_axes
+        flips = f"mirroring axes {list(axes)}" if axes else "no mirroring"
         stages = "two stages (localiser, then region)" if self.localiser else "one stage"
         self.description = f"{description}; {stages}; {flips}" if description else flips
 
