@@ -21,12 +21,21 @@ FROM --platform=linux/amd64 nvidia/cuda:${CUDA_VERSION}-cudnn-runtime-ubuntu24.0
 # The application files, readable by the non-root user whatever modes the host gave them (a model
 # file saved as 0600 would otherwise fail at runtime). In a stage of its own so that the image
 # holds them once, in the layer COPY --from writes. The context is an allow-list (.dockerignore):
-# process.py, pantherseg/, requirements.txt and model/ when it exists (a COPY naming an absent
-# model/ would fail the build). Without a baked model/plan.json, process.py reads /opt/ml/model,
-# where grand-challenge extracts an uploaded model.
+# process.py, pantherseg/, requirements.txt and models/ (a COPY naming an absent folder would fail
+# the build). One image per task (grand-challenge takes one algorithm per task): TASK's model,
+# models/<TASK>/, becomes /opt/app/model and the other task's model stays out of the image. Without
+# a baked model/plan.json, process.py reads /opt/ml/model, where grand-challenge extracts an
+# uploaded model.
 FROM base AS app
+ARG TASK=task1
 COPY . /opt/app/
-RUN chmod -R u=rwX,go=rX /opt/app
+RUN case "$TASK" in \
+        task1 | task2) ;; \
+        *) echo "TASK must be task1 or task2, not '$TASK'" >&2 && exit 1 ;; \
+    esac \
+    && if [ -d "/opt/app/models/$TASK" ]; then mv "/opt/app/models/$TASK" /opt/app/model; fi \
+    && rm -rf /opt/app/models \
+    && chmod -R u=rwX,go=rX /opt/app
 
 FROM base
 
@@ -59,6 +68,8 @@ RUN python3 -m venv /opt/venv \
     && pip check
 
 COPY --from=app /opt/app /opt/app
+ARG TASK=task1
+LABEL org.pantherseg.task="$TASK"
 
 WORKDIR /opt/app
 USER 10001:10001

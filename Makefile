@@ -4,6 +4,10 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO := out/demo
+# The task whose shipped model and sample case `make demo` runs: task1 (T1 arterial MRI) or task2
+# (T2 MR-Linac MRI), e.g. `make demo TASK=task2`.
+TASK ?= task1
+SAMPLE := test/samples/$(TASK)
 
 .PHONY: demo demo-evaluation test lint bench clean container container-test container-export
 
@@ -13,13 +17,15 @@ $(BIN)/pantherseg: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[eval,dev,training]"
 	touch $@
 
-# The container's entrypoint on the bundled sample case with the shipped model, then its scores.
+# The container's entrypoint on the task's bundled sample case with its shipped model, then its
+# scores.
 demo: $(BIN)/pantherseg
+	@test -d $(SAMPLE) || { echo "make demo: TASK must be task1 or task2, not '$(TASK)'" >&2; exit 2; }
 	rm -rf $(DEMO)
-	$(BIN)/python process.py --input test/input --output $(DEMO)/output --model model --device cpu
-	$(BIN)/pantherseg evaluate --quiet --gt test/sample_label \
+	$(BIN)/python process.py --input $(SAMPLE)/input --output $(DEMO)/output --model models/$(TASK) --device cpu
+	$(BIN)/pantherseg evaluate --quiet --gt $(SAMPLE)/label \
 	  --pred $(DEMO)/output/images/pancreatic-tumor-segmentation \
-	  --names shipped-model --images test/input/images/abdominal-t1-mri \
+	  --names shipped-model-$(TASK) --images $(wildcard $(SAMPLE)/input/images/*) \
 	  --out $(DEMO)/evaluation --report $(DEMO)/report
 
 # The evaluation on its own: phantoms scored against stand-in predictions (exact, eroded, shifted).
@@ -45,10 +51,10 @@ clean:
 	rm -rf out
 
 container:
-	./build.sh
+	./build.sh --task $(TASK)
 
 container-test: $(BIN)/pantherseg
 	./test.sh
 
 container-export:
-	./export.sh
+	./export.sh --task $(TASK)

@@ -14,7 +14,12 @@ import sys
 import traceback
 from pathlib import Path
 
-from pantherseg.inference.grand_challenge import find_input_image, output_mask_path
+from pantherseg.inference.grand_challenge import (
+    SOCKET_TASKS,
+    check_model_task,
+    find_input_image,
+    output_mask_path,
+)
 from pantherseg.inference.pipeline import Segmenter, segment_file
 from pantherseg.inference.plan import MIRRORING_CHOICES, PLAN_FILE
 
@@ -70,14 +75,14 @@ def run(args: argparse.Namespace) -> Path:
     segmenter = Segmenter.from_model_dir(
         model_dir, device=args.device, threads=args.threads, mirroring=args.mirroring
     )
-    logging.getLogger("pantherseg").info(
-        "input %s (%s); model: %s", case.path, case.socket, segmenter.description
-    )
-    if segmenter.plan.input_socket != case.socket:
-        logging.getLogger("pantherseg").warning(
-            "the model was trained for %s, the input comes from %s",
-            segmenter.plan.input_socket,
+    log = logging.getLogger("pantherseg")
+    log.info("input %s (%s); model: %s", case.path, case.socket, segmenter.description)
+    check_model_task(case, segmenter.plan.input_socket, model_dir)
+    if case.socket not in SOCKET_TASKS:
+        log.warning(
+            "the input's folder %s names no task; the model was trained for %s",
             case.socket,
+            segmenter.plan.input_socket,
         )
     segment_file(segmenter, case.path, output)
     return output

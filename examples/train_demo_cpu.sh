@@ -7,12 +7,22 @@
 #
 #   examples/train_demo_cpu.sh                      # every step: data cv export heldout
 #   STEPS="cv export" examples/train_demo_cpu.sh    # continue after an interruption
+#   TASK=task2 examples/train_demo_cpu.sh           # the Task 2 (T2 MR-Linac) demo model
 #
-# Environment (defaults): WORK (out/demo-cpu), MODEL (out/demo-cpu/model), PYTHON
+# Environment (defaults): TASK (task1), WORK (out/demo-cpu for task1, out/demo-cpu-task2 for
+# task2), MODEL (\$WORK/model), PYTHON
 # (.venv/bin/python), CONFIG (examples/demo_cpu.yaml), DEVICE (cpu), JOBS (all CPUs),
 # TRAIN_CASES (60), HELDOUT_CASES (40), SIZE (full; small makes tiny phantoms to try it out).
 set -euo pipefail
-WORK=${WORK:-out/demo-cpu}
+TASK=${TASK:-task1}
+case "$TASK" in
+    task1) WORK=${WORK:-out/demo-cpu} ;;
+    task2) WORK=${WORK:-out/demo-cpu-task2} ;;
+    *)
+        echo "train_demo_cpu.sh: TASK must be task1 or task2, not '$TASK'" >&2
+        exit 2
+        ;;
+esac
 MODEL=${MODEL:-$WORK/model}
 PY=${PYTHON:-.venv/bin/python}
 CONFIG=${CONFIG:-examples/demo_cpu.yaml}
@@ -32,7 +42,7 @@ wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if wants data; then
     step "$PY" -m pantherseg.cli synth "$WORK/train" --cases "${TRAIN_CASES:-60}" --seed 100 \
-        --first-id 10000 --size "$SIZE" --jobs "$JOBS"
+        --first-id 10000 --task "$TASK" --size "$SIZE" --jobs "$JOBS"
     step "$PY" -m training plan --data "$WORK/train" --work "$WORK/work" --config "$CONFIG"
     step "$PY" -m training preprocess --work "$WORK/work"
 fi
@@ -44,7 +54,7 @@ if wants export; then
 fi
 if wants heldout; then
     step "$PY" -m pantherseg.cli synth "$WORK/heldout" --cases "${HELDOUT_CASES:-40}" \
-        --seed "$HELDOUT_SEED" --first-id 30000 --size "$SIZE" --jobs "$JOBS"
+        --seed "$HELDOUT_SEED" --first-id 30000 --task "$TASK" --size "$SIZE" --jobs "$JOBS"
     step "$PY" -m pantherseg.cli predict "$WORK/heldout/ImagesTr" -o "$WORK/heldout/predictions" \
         --model "$MODEL" --device cpu
     step "$PY" -m pantherseg.cli evaluate --pred "$WORK/heldout/predictions" \
@@ -53,8 +63,8 @@ if wants heldout; then
         --jobs "$JOBS" --quiet
     step "$PY" -m training card --model "$MODEL" --title "Held-out phantoms" \
         --evaluation "$WORK/heldout/evaluation/summary.json" \
-        --note "${HELDOUT_CASES:-40} phantoms that no fold saw (\`pantherseg synth --seed \
-$HELDOUT_SEED\`, ids from 30000), segmented by the exported ensemble on the CPU through the \
+        --note "${HELDOUT_CASES:-40} phantoms that no fold saw (\`pantherseg synth --task $TASK \
+--seed $HELDOUT_SEED\`, ids from 30000), segmented by the exported ensemble on the CPU through the \
 container's code path (\`pantherseg predict\`) and scored with \`pantherseg evaluate\`. Synthetic \
 data: this shows that the pipeline learns, not how it does on real MRI."
 fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Trains the demo model shipped in model/: 60 training phantoms, 3-fold cross-validation with the
-# folds side by side on one GPU, post-processing tuned out of fold, ONNX export, and scoring on 20
-# held-out phantoms (other seeds). Each step prints its time. Run from the repository root.
+# Trains the earlier single-stage demo model (shipped before the two-stage one): 60 training
+# phantoms, 3-fold cross-validation with the folds side by side on one GPU, post-processing tuned
+# out of fold, ONNX export, and scoring on 20 held-out phantoms (other seeds). Each step prints its
+# time. Run from the repository root.
 #
 #   examples/train_demo_model.sh                    # every step: data train finetune cv heldout
 #   STEPS="data train cv" examples/train_demo_model.sh
@@ -10,14 +11,14 @@
 # fold from its best weights with a fresh 3-minute poly schedule at half the learning rate (a warm
 # restart: the shipped model had its GPU time in two calls, and this is the second).
 #
-# Environment (defaults): WORK (out/demo-model), MODEL (model), PYTHON (.venv/bin/python),
-# CONFIG (examples/demo_gpu.yaml), DEVICE (cuda), JOBS (all CPUs), TRAIN_CASES (60),
+# Environment (defaults): WORK (out/demo-model), MODEL (out/demo-model/model), PYTHON
+# (.venv/bin/python), CONFIG (examples/demo_gpu.yaml), DEVICE (cuda), JOBS (all CPUs), TRAIN_CASES (60),
 # HELDOUT_CASES (20), SIZE (full; small makes tiny phantoms to try the script out),
 # FINETUNE_MINUTES (3.0 per fold), INIT_DIR (unset; a work folder whose fold_k/best.pt the
 # fine-tuning starts from instead of this run's stage 1).
 set -euo pipefail
 WORK=${WORK:-out/demo-model}
-MODEL=${MODEL:-model}
+MODEL=${MODEL:-$WORK/model}
 PY=${PYTHON:-.venv/bin/python}
 CONFIG=${CONFIG:-examples/demo_gpu.yaml}
 DEVICE=${DEVICE:-cuda}

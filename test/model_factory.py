@@ -51,6 +51,7 @@ def threshold_model_dir(
     target_spacing_zyx=(3.0, 1.5, 1.5),
     patch=(8, 16, 16),
     n_folds: int = 1,
+    task: str = "task1",
     **postprocessing,
 ) -> Path:
     """A model folder whose network calls a voxel tumor when its z-scored intensity exceeds 1:
@@ -60,7 +61,7 @@ def threshold_model_dir(
         path = pointwise_conv_model(model_dir / f"fold_{fold}.onnx", [[8.0]], [-8.0], patch)
         folds.append(FoldWeights(path.name, sha256_of(path)))
     plan = Plan(
-        task="task1",
+        task=task,
         preprocessing=Preprocessing(target_spacing_zyx=tuple(target_spacing_zyx)),
         inference=Inference(patch_size_zyx=tuple(patch), folds=tuple(folds)),
         postprocessing=Postprocessing(**postprocessing),

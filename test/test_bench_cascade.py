@@ -73,3 +73,22 @@ def test_tiny_run_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFix
     assert figures["speedup"] > 0
     assert figures["targets"] == {}  # a custom grid has none
     assert len(figures["load_average"]["before"]) == 3
+
+
+def test_task_2_writes_its_phantom_and_plans_at_task_2_spacing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--task task2: the phantom is a Task 2 one at 2 x 1 x 1 mm and the region network's plan
+    takes that spacing, so the region stage does not resample; no Task 1 targets apply."""
+    out = tmp_path / "cascade.json"
+    argv = [*TINY, "--task", "task2", "--variants", "cascade", "--json", str(out)]
+    assert main([*argv, "--keep", str(tmp_path / "work")]) == 0
+    assert "task2 case 32 x 96 x 112" in capsys.readouterr().out
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    assert figures["task"] == "task2" and figures["spacing_zyx"] == [2.0, 1.0, 1.0]
+    assert figures["targets"] == {}
+    plan = json.loads((tmp_path / "work" / "models" / "cascade" / "plan.json").read_text())
+    assert plan["task"] == "task1"  # translated from the Task 1 baseline's plans: a stand-in
+    assert plan["preprocessing"]["target_spacing_zyx"] == [2.0, 1.0, 1.0]
+    phantom = json.loads((tmp_path / "work" / "cascade.json").read_text())
+    assert phantom["tiles"]["region"] > 0

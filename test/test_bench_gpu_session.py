@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.gpu_session import TRAINING_VARIANTS, main
 
-INFERENCE = ("inference", "inference_batched")
+INFERENCE = ("inference", "inference_batched", "inference_task2")
 
 
 def run(tmp_path: Path, budget_s: float) -> dict:
@@ -29,7 +29,9 @@ def test_cpu_small_preset_measures_every_section(tmp_path: Path) -> None:
         assert section["peak_memory"]["gib"] > 0
         assert section["network_only_s"] > 0
         assert 0 <= section["share_outside_network"] <= 1
-    plain, batched = (figures[name] for name in INFERENCE)
+    plain, batched, task2 = (figures[name] for name in INFERENCE)
+    assert task2["case"] == {"task": "task2", "shape_zyx": [28, 56, 64], "spacing_zyx": [2, 1, 1]}
+    assert plain["case"]["task"] == "task1"
     # 2 folds x 8 mirrors over the same tiles, whether stacked in a batch or not
     assert plain["tiles_x_passes"] == batched["tiles_x_passes"] > 0
     assert plain["network_forwards"] == 8 * batched["network_forwards"]

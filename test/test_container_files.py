@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import stat
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -179,3 +180,37 @@ def test_test_sh_runs_the_container_as_grand_challenge_does():
         '"$2:/input:ro"',
     ):
         assert flag in text, flag
+
+
+@pytest.mark.parametrize("script", ["build.sh", "export.sh"])
+@pytest.mark.parametrize("task", ["3", "task3", ""])
+def test_an_unknown_task_is_refused_before_docker_runs(script, task, tmp_path):
+    """One image per task: a typo must not build (or export) the default task's image."""
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # no docker on PATH: it must not be needed
+    for tool in ("bash", "dirname"):
+        (tmp_path / tool).symlink_to(
+            subprocess.run(
+                ["bash", "-c", f"command -v {tool}"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        )
+    result = subprocess.run(
+        ["bash", str(REPO / script), "--task", task], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{script}: --task")
+    assert result.stdout == ""
+
+
+def test_each_task_bakes_its_own_model():
+    """The Dockerfile keeps models/<TASK>/ as /opt/app/model and drops the other task's; build.sh
+    passes TASK, and the build context holds models/."""
+    steps = instructions()
+    assert ("ARG", "TASK=task1") in steps
+    run = next(args for keyword, args in steps if keyword == "RUN" and "models/$TASK" in args)
+    assert 'mv "/opt/app/models/$TASK" /opt/app/model' in run
+    assert "rm -rf /opt/app/models" in run
+    assert '--build-arg "TASK=$TASK"' in (REPO / "build.sh").read_text()
+    assert "!models/" in (REPO / ".dockerignore").read_text().splitlines()
+    for task in ("task1", "task2"):
+        assert (REPO / "models" / task / "plan.json").is_file()
+        assert json.loads((REPO / "models" / task / "plan.json").read_text())["task"] == task

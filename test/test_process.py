@@ -32,15 +32,22 @@ def model_dir(tmp_path_factory) -> Path:
     return threshold_model_dir(tmp_path_factory.mktemp("model"))
 
 
-def job(tmp_path: Path, array: np.ndarray, name="case.mha", inputs_json=True, **geometry) -> Path:
+def job(
+    tmp_path: Path,
+    array: np.ndarray,
+    name="case.mha",
+    inputs_json=True,
+    slug="abdominal-t1-mri",
+    **geometry,
+) -> Path:
     root = tmp_path / "input"
-    write_image(root / SOCKET_DIR / name, array, **geometry)
+    write_image(root / "images" / slug / name, array, **geometry)
     if inputs_json:
         socket = {
             "interface": {
-                "slug": "abdominal-t1-mri",
+                "slug": slug,
                 "kind": "Image",
-                "relative_path": str(SOCKET_DIR),
+                "relative_path": f"images/{slug}",
             },
             "image": {"name": name},
         }
@@ -383,3 +390,40 @@ def test_image_helpers_round_trip_the_rotation_they_are_given(tmp_path, axis, de
     assert image.GetSize() == (4, 3, 2)
     assert np.allclose(image.GetSpacing(), geometry["spacing_xyz"], rtol=0, atol=1e-12)
     assert np.allclose(image.GetOrigin(), geometry["origin"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("model_task", "slug", "image_task"),
+    [("task2", "abdominal-t1-mri", "task1"), ("task1", "abdominal-t2-mri", "task2")],
+)
+def test_an_image_of_the_other_task_is_refused(tmp_path, capsys, model_task, slug, image_task):
+    """grand-challenge takes one algorithm per task; a model of the other task would still write
+    a mask, so the socket decides and the job fails with one line naming both tasks."""
+    other = threshold_model_dir(tmp_path / "model", task=model_task)
+    assert run(tmp_path, job(tmp_path, phantom()[0], slug=slug), other) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("process.py: error:")
+    assert f"a {image_task} image (socket {slug})" in line
+    assert f"trained for {model_task}" in line and f"--task {image_task}" in line
+    assert outputs(tmp_path) == []
+
+
+def test_a_task_2_image_with_a_task_2_model_is_segmented(tmp_path, capsys):
+    task2 = threshold_model_dir(tmp_path / "model", task="task2")
+    assert run(tmp_path, job(tmp_path, phantom()[0], slug="abdominal-t2-mri"), task2) == 0
+    assert capsys.readouterr().err == ""
+    assert [p.relative_to(tmp_path / "output") for p in outputs(tmp_path)] == [
+        OUTPUT_DIR / "case.mha"
+    ]
+
+
+def test_a_folder_that_names_no_task_is_segmented_with_a_warning(
+    tmp_path, model_dir, capsys, caplog
+):
+    """Without inputs.json any images/*mri*/ folder is read; one no task names is not refused."""
+    root = job(tmp_path, phantom()[0], inputs_json=False, slug="my-mri")
+    with caplog.at_level(logging.INFO, logger="pantherseg"):
+        assert run(tmp_path, root, model_dir) == 0
+    assert capsys.readouterr().err == ""
+    assert "the input's folder my-mri names no task" in caplog.text
+    assert len(outputs(tmp_path)) == 1

@@ -16,6 +16,7 @@ from pantherseg.inference.plan import OUTPUT_SOCKET, TASK_SOCKETS
 
 INPUTS_JSON = "inputs.json"
 INPUT_SOCKETS = set(TASK_SOCKETS.values())
+SOCKET_TASKS = {socket: task for task, socket in TASK_SOCKETS.items()}
 
 
 class InputError(ValueError):
@@ -78,6 +79,21 @@ def find_input_image(input_dir: Path) -> InputImage:
         names = ", ".join(str(f.path.relative_to(input_dir)) for f in found)
         raise InputError(f"expected one MRI image, found {len(found)}: {names}")
     return found[0]
+
+
+def check_model_task(case: InputImage, model_socket: str, model_dir: Path) -> None:
+    """Refuses an image of the other task: a Task 1 model on a T2 MR-Linac scan (or the reverse)
+    would write a confident mask that means nothing. A socket no task names (a hand-made folder
+    without inputs.json) is not refused."""
+    task = SOCKET_TASKS.get(case.socket)
+    if task is None or case.socket == model_socket:
+        return
+    model_task = SOCKET_TASKS.get(model_socket, "another task")
+    raise InputError(
+        f"{case.path}: a {task} image (socket {case.socket}), but the model in {model_dir} was "
+        f"trained for {model_task} (socket {model_socket}): use the {task} algorithm "
+        f"(./build.sh --task {task}) or a {task} model"
+    )
 
 
 def output_mask_path(output_dir: Path, input_image: Path) -> Path:
