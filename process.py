@@ -1,8 +1,9 @@
 """Container entrypoint: segment the pancreatic tumor in the job's one MRI image.
 
 Reads /input (inputs.json, else images/*mri*/), writes exactly one uint8 mask to
-/output/images/pancreatic-tumor-segmentation/<input name>.mha, and exits 0. On any failure it
-prints one line on stderr, exits non-zero, and leaves no output file.
+/output/images/pancreatic-tumor-segmentation/<input name>.mha, and exits 0. On any failure (an
+image of the task the model was not trained for among them) it prints one line on stderr, exits
+non-zero, and leaves no output file.
 """
 
 from __future__ import annotations
@@ -58,13 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_writable(folder: Path) -> None:
-    """Fails before the expensive work if the mask could not be written anyway."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(f"{folder}: cannot create the output folder ({error.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise OSError(f"{folder}: output folder is not writable")
+    """Fails before the expensive work if the mask could not be written anyway, and creates
+    nothing: a failed job leaves the output folder as it found it (the writer makes the folders)."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OSError(f"{folder}: cannot create the output folder ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == folder:
+            raise OSError(f"{folder}: output folder is not writable")
+        raise OSError(f"{folder}: cannot create the output folder ({existing} is not writable)")
 
 
 def run(args: argparse.Namespace) -> Path:

@@ -64,6 +64,11 @@ def outputs(tmp_path: Path) -> list[Path]:
     return sorted(p for p in (tmp_path / "output").rglob("*") if p.is_file())
 
 
+def left_behind(tmp_path: Path) -> list[Path]:
+    """Everything a failed job left under the output folder, empty folders included."""
+    return sorted((tmp_path / "output").rglob("*"))
+
+
 def test_one_mask_with_the_input_geometry(tmp_path, model_dir, capsys):
     image, truth = phantom()
     input_dir = job(tmp_path, image.astype(np.int16), name="abc-123.mha")
@@ -320,7 +325,7 @@ def test_bad_input_fails_with_one_line_and_no_output(tmp_path, model_dir, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("process.py: error:")
     assert message in err[0]
-    assert outputs(tmp_path) == []
+    assert left_behind(tmp_path) == []
 
 
 def test_changed_weights_fail_before_any_output(tmp_path, model_dir, capsys):
@@ -332,7 +337,7 @@ def test_changed_weights_fail_before_any_output(tmp_path, model_dir, capsys):
     image, _ = phantom()
     assert run(tmp_path, job(tmp_path, image), copy) == 1
     assert "sha256" in capsys.readouterr().err
-    assert outputs(tmp_path) == []
+    assert left_behind(tmp_path) == []
 
 
 def test_output_path_blocked_by_a_file(tmp_path, model_dir, capsys):
@@ -405,7 +410,7 @@ def test_an_image_of_the_other_task_is_refused(tmp_path, capsys, model_task, slu
     assert line.startswith("process.py: error:")
     assert f"a {image_task} image (socket {slug})" in line
     assert f"trained for {model_task}" in line and f"--task {image_task}" in line
-    assert outputs(tmp_path) == []
+    assert left_behind(tmp_path) == []
 
 
 def test_a_task_2_image_with_a_task_2_model_is_segmented(tmp_path, capsys):
