@@ -381,3 +381,32 @@ def test_init_from_an_unrelated_checkpoint_is_an_error(tiny, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read as a PyTorch checkpoint"):
         load_matching_weights(network, tmp_path / "junk.pt")
+
+
+def test_validation_runs_no_network_on_a_case_without_a_tumor(tiny, monkeypatch):
+    """A tumor-free case has no Dice to add, so it costs no sliding window either; the case with
+    a tumor is scored as before."""
+    import numpy as np
+
+    shape = tiny.plan.inference.patch_size_zyx
+    tumor = np.zeros((1, *shape), np.uint8)
+    tumor[0, 2:5, 2:6, 2:6] = 1
+    labels = {"empty": np.zeros((1, *shape), np.uint8), "tumor": tumor}
+    monkeypatch.setattr(
+        trainer_module,
+        "load_cached",
+        lambda case, mmap=True: (labels[case.case_id].astype(np.float32), labels[case.case_id]),
+    )
+    seen = []
+
+    def predictor(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch.copy())
+        classes = tiny.plan.inference.classes
+        logits = np.zeros((batch.shape[0], len(classes), *batch.shape[2:]), np.float32)
+        logits[:, classes.index("tumor")] = 10 * batch[:, 0] - 5  # where the image (label) says
+        return logits
+
+    cases = [SimpleNamespace(case_id="empty"), SimpleNamespace(case_id="tumor")]
+    scores = trainer_module.validate_cases(predictor, cases, tiny.plan, 0.5, 1)
+    assert scores["dice"] == 1.0
+    assert len(seen) == 1 and seen[0].max() == 1.0  # only the tumor case went through

@@ -163,6 +163,9 @@ def validate_cases(
         if box is not None:
             inside = window(grown_box(box, spacing, region.margin_mm, label.shape[1:]))
             image, label = image[inside], label[inside]
+        truth = np.asarray(label[0]) > 0 if target == "foreground" else np.asarray(label[0]) == 1
+        if not truth.any():
+            continue  # the challenge metrics are undefined without a tumor: no inference either
         logits = sliding_window_predict(
             np.asarray(image, dtype=np.float32),
             predictor,
@@ -172,12 +175,9 @@ def validate_cases(
         )
         if target == "foreground":
             background = class_probabilities(logits, plan.inference, ["background"])
-            found, truth = background["background"] <= 0.5, np.asarray(label[0]) > 0
+            found = background["background"] <= 0.5
         else:
             found = class_probabilities(logits, plan.inference, ["tumor"])["tumor"] >= 0.5
-            truth = np.asarray(label[0]) == 1
-        if not truth.any():
-            continue  # the challenge metrics are undefined without a tumor
         scores = metrics.score_case(truth, found, spacing)
         dices.append(scores.dice)
         hd95s.append(scores.hd95)
