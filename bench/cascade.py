@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.inference import GRIDS, SPACING_ZYX, TASK2_GRIDS, TASK2_SPACING_ZYX
+from bench.inference import GRIDS, SPACING_ZYX, TASK2_GRIDS, TASK2_SPACING_ZYX, at_spacing
 from bench.nnunet import run_child
 
 if TYPE_CHECKING:
@@ -236,11 +236,7 @@ def build_models(
     plan = translate_plan(
         plans, configuration, CONFIGURATION, dataset, options, BASELINE_PLANS.parent
     )
-    spacing = tuple(float(v) for v in spacing_zyx)
-    plan = dataclasses.replace(
-        plan,
-        preprocessing=dataclasses.replace(plan.preprocessing, target_spacing_zyx=spacing),
-    )
+    plan = at_spacing(plan, spacing_zyx)
     localiser_inference = Inference(
         patch_size_zyx=sizes.localiser_patch,
         folds=(),
@@ -418,10 +414,11 @@ def benchmark(
         # Cores the rest of the machine kept busy on average: above ~0.1, the figures are slower
         # than on a quiet machine (the ONNX Runtime threads had to share the cores).
         run["others_cores"] = run["others_cpu_s"] / run["wall_s"]
+    grid = grid_name(shape, task)
     result = {
         "task": task,
         "shape_zyx": list(shape),
-        "grid": grid_name(shape, task),
+        "grid": grid,
         "spacing_zyx": list(spacing),
         "threads": threads,
         "usable_cores": len(os.sched_getaffinity(0)),
@@ -433,7 +430,7 @@ def benchmark(
         "models": models,
         "variants": runs,
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
-        "targets": TARGETS.get(grid_name(shape, task) or "", {}) if task == "task1" else {},
+        "targets": TARGETS.get(grid or "", {}) if task == "task1" else {},
     }
     if "single" in runs and "cascade" in runs:
         result["speedup"] = runs["single"]["end_to_end_s"] / runs["cascade"]["end_to_end_s"]

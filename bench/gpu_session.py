@@ -48,7 +48,7 @@ from unittest import mock
 
 import numpy as np
 
-from bench.inference import GRIDS, SPACING_ZYX, TASK2_GRIDS, TASK2_SPACING_ZYX
+from bench.inference import GRIDS, SPACING_ZYX, TASK2_GRIDS, TASK2_SPACING_ZYX, at_spacing
 from bench.training import ROOT, StepSpec
 from pantherseg.inference.files import atomic_write_text
 from pantherseg.inference.sliding_window import Predictor
@@ -328,10 +328,7 @@ def measure_inference(
     shape, spacing = preset.shape_zyx, SPACING_ZYX
     if task == "task2":
         shape, spacing = preset.task2_shape_zyx, TASK2_SPACING_ZYX
-        plan = dataclasses.replace(
-            plan,
-            preprocessing=dataclasses.replace(plan.preprocessing, target_spacing_zyx=spacing),
-        )
+        plan = at_spacing(plan, spacing)
     network = network.to(device).eval()
     folds = [network] * preset.folds  # copies of one network: the same time as trained folds
     patch, axes = plan.inference.patch_size_zyx, plan.inference.mirror_axes

@@ -19,9 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pantherseg.inference.plan import Plan
 
 GRIDS = {"median": (72, 258, 318), "largest": (88, 466, 570)}
 SPACING_ZYX = (3.0, 1.1875, 1.1875)
@@ -30,6 +35,14 @@ PATCH = (48, 192, 224)  # what the organisers' nnU-Net plan chose for this spaci
 # these are the phantoms' Task 2 protocol (170-240 mm of slices, 300-360 x 380-450 mm in-plane).
 TASK2_GRIDS = {"median": (102, 330, 415), "largest": (120, 360, 450)}
 TASK2_SPACING_ZYX = (2.0, 1.0, 1.0)
+
+
+def at_spacing(plan: Plan, spacing_zyx: Sequence[float]) -> Plan:
+    """The plan with its network grid at `spacing_zyx`: the Task 1 baseline's plan standing in for
+    a Task 2 one (no Task 2 nnU-Net plan is public), so a case at that spacing is not resampled."""
+    spacing = tuple(float(v) for v in spacing_zyx)
+    preprocessing = dataclasses.replace(plan.preprocessing, target_spacing_zyx=spacing)
+    return dataclasses.replace(plan, preprocessing=preprocessing)
 
 
 def build_model(model_dir: Path, folds: int, mirror: bool) -> None:

@@ -32,13 +32,8 @@ STEPS=${STEPS:-data cv export heldout}
 SIZE=${SIZE:-full}
 HELDOUT_SEED=300 # training uses seed 100; the shipped sample case comes from seed 200
 
-step() {
-    echo "== $*"
-    local start=$SECONDS
-    "$@"
-    echo "== $((SECONDS - start)) s: $*"
-}
-wants() { [[ " $STEPS " == *" $1 "* ]]; }
+# shellcheck source=examples/recipe_steps.sh
+. "$(dirname "$0")/recipe_steps.sh"
 
 if wants data; then
     step "$PY" -m pantherseg.cli synth "$WORK/train" --cases "${TRAIN_CASES:-60}" --seed 100 \
@@ -55,16 +50,9 @@ fi
 if wants heldout; then
     step "$PY" -m pantherseg.cli synth "$WORK/heldout" --cases "${HELDOUT_CASES:-40}" \
         --seed "$HELDOUT_SEED" --first-id 30000 --task "$TASK" --size "$SIZE" --jobs "$JOBS"
-    step "$PY" -m pantherseg.cli predict "$WORK/heldout/ImagesTr" -o "$WORK/heldout/predictions" \
-        --model "$MODEL" --device cpu
-    step "$PY" -m pantherseg.cli evaluate --pred "$WORK/heldout/predictions" \
-        --gt "$WORK/heldout/LabelsTr" --images "$WORK/heldout/ImagesTr" \
-        --out "$WORK/heldout/evaluation" --report "$WORK/heldout/report" --convention both \
-        --jobs "$JOBS" --quiet
-    step "$PY" -m training card --model "$MODEL" --title "Held-out phantoms" \
-        --evaluation "$WORK/heldout/evaluation/summary.json" \
-        --note "${HELDOUT_CASES:-40} phantoms that no fold saw (\`pantherseg synth --task $TASK \
---seed $HELDOUT_SEED\`, ids from 30000), segmented by the exported ensemble on the CPU through the \
-container's code path (\`pantherseg predict\`) and scored with \`pantherseg evaluate\`. Synthetic \
-data: this shows that the pipeline learns, not how it does on real MRI."
+    score_heldout "$WORK/heldout" "$MODEL" cpu "${HELDOUT_CASES:-40} phantoms that no fold saw \
+(\`pantherseg synth --task $TASK --seed $HELDOUT_SEED\`, ids from 30000), segmented by the exported \
+ensemble on the CPU through the container's code path (\`pantherseg predict\`) and scored with \
+\`pantherseg evaluate\`. Synthetic data: this shows that the pipeline learns, not how it does on \
+real MRI."
 fi

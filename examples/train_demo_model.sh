@@ -12,8 +12,8 @@
 # restart: the shipped model had its GPU time in two calls, and this is the second).
 #
 # Environment (defaults): WORK (out/demo-model), MODEL (out/demo-model/model), PYTHON
-# (.venv/bin/python), CONFIG (examples/demo_gpu.yaml), DEVICE (cuda), JOBS (all CPUs), TRAIN_CASES (60),
-# HELDOUT_CASES (20), SIZE (full; small makes tiny phantoms to try the script out),
+# (.venv/bin/python), CONFIG (examples/demo_gpu.yaml), DEVICE (cuda), JOBS (all CPUs),
+# TRAIN_CASES (60), HELDOUT_CASES (20), SIZE (full; small makes tiny phantoms to try the script out),
 # FINETUNE_MINUTES (3.0 per fold), INIT_DIR (unset; a work folder whose fold_k/best.pt the
 # fine-tuning starts from instead of this run's stage 1).
 set -euo pipefail
@@ -26,13 +26,8 @@ JOBS=${JOBS:-$(nproc)}
 STEPS=${STEPS:-data train finetune cv heldout}
 SIZE=${SIZE:-full}
 
-step() {
-    echo "== $*"
-    local start=$SECONDS
-    "$@"
-    echo "== $((SECONDS - start)) s: $*"
-}
-wants() { [[ " $STEPS " == *" $1 "* ]]; }
+# shellcheck source=examples/recipe_steps.sh
+. "$(dirname "$0")/recipe_steps.sh"
 
 # Folds train as separate processes at once: one small network leaves most of a GPU idle.
 # With an argument (a file name), each fold starts from fold_k/<that file> (fine-tuning).
@@ -95,16 +90,9 @@ fi
 if wants heldout; then
     step "$PY" -m pantherseg.cli synth "$WORK/heldout" --cases "${HELDOUT_CASES:-20}" --seed 200 \
         --first-id 20000 --size "$SIZE" --jobs "$JOBS"
-    step "$PY" -m pantherseg.cli predict "$WORK/heldout/ImagesTr" -o "$WORK/heldout/predictions" \
-        --model "$MODEL" --device "${PREDICT_DEVICE:-cpu}"
-    step "$PY" -m pantherseg.cli evaluate --pred "$WORK/heldout/predictions" \
-        --gt "$WORK/heldout/LabelsTr" --images "$WORK/heldout/ImagesTr" \
-        --out "$WORK/heldout/evaluation" --report "$WORK/heldout/report" --convention both \
-        --jobs "$JOBS" --quiet
-    step "$PY" -m training card --model "$MODEL" --title "Held-out phantoms" \
-        --evaluation "$WORK/heldout/evaluation/summary.json" \
-        --note "${HELDOUT_CASES:-20} phantoms that no fold saw (\`pantherseg synth --seed 200\`, \
-ids from 20000), segmented by the exported ensemble on the CPU through the container's code path \
-(\`pantherseg predict\`) and scored with \`pantherseg evaluate\`. Synthetic data: this shows \
-that the pipeline learns, not how it does on real MRI."
+    score_heldout "$WORK/heldout" "$MODEL" "${PREDICT_DEVICE:-cpu}" "${HELDOUT_CASES:-20} phantoms \
+that no fold saw (\`pantherseg synth --seed 200\`, ids from 20000), segmented by the exported \
+ensemble on the CPU through the container's code path (\`pantherseg predict\`) and scored with \
+\`pantherseg evaluate\`. Synthetic data: this shows that the pipeline learns, not how it does on \
+real MRI."
 fi

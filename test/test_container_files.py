@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import stat
 import subprocess
 import tomllib
@@ -188,13 +189,12 @@ def test_an_unknown_task_is_refused_before_docker_runs(script, task, tmp_path):
     """One image per task: a typo must not build (or export) the default task's image."""
     env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # no docker on PATH: it must not be needed
     for tool in ("bash", "dirname"):
-        (tmp_path / tool).symlink_to(
-            subprocess.run(
-                ["bash", "-c", f"command -v {tool}"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        )
+        (tmp_path / tool).symlink_to(shutil.which(tool))
     result = subprocess.run(
-        ["bash", str(REPO / script), "--task", task], capture_output=True, text=True, env=env
+        [shutil.which("bash"), str(REPO / script), "--task", task],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 2
     assert result.stderr.startswith(f"{script}: --task")
