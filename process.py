@@ -15,6 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from pantherseg.inference.engines import CPU_ENGINES
 from pantherseg.inference.grand_challenge import (
     SOCKET_TASKS,
     check_model_task,
@@ -54,6 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="test-time mirroring over the trained axes: as the plan says (default), on or off",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
+    parser.add_argument(
+        "--cpu-engine",
+        choices=CPU_ENGINES,
+        default="auto",
+        help="what runs the network on the CPU: OpenVINO when installed (auto, the default; "
+        "faster), openvino, or onnxruntime",
+    )
     parser.add_argument("--traceback", action="store_true", help="print tracebacks of failures")
     return parser.parse_args(argv)
 
@@ -78,7 +86,11 @@ def run(args: argparse.Namespace) -> Path:
     _check_writable(output.parent)
     model_dir = args.model or default_model_dir()
     segmenter = Segmenter.from_model_dir(
-        model_dir, device=args.device, threads=args.threads, mirroring=args.mirroring
+        model_dir,
+        device=args.device,
+        threads=args.threads,
+        mirroring=args.mirroring,
+        cpu_engine=args.cpu_engine,
     )
     log = logging.getLogger("pantherseg")
     log.info("input %s (%s); model: %s", case.path, case.socket, segmenter.description)

@@ -247,8 +247,9 @@ def batched_predictor(
     one copy in and one out per batch instead of one per fold and mirror."""
     import torch
 
-    from training.trainer import _autocast
+    from training.trainer import _autocast, autocast_dtype
 
+    precision = autocast_dtype(device, amp, cpu_bfloat16=False)
     combos = [
         tuple(a + 2 for a in c)
         for n in range(len(axes) + 1)
@@ -256,7 +257,7 @@ def batched_predictor(
     ]
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode(), _autocast(device, amp):
+        with torch.inference_mode(), _autocast(device, precision):
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
             stacked = torch.cat([x.flip(c) if c else x for c in combos])
             total = torch.zeros((), device=device)
@@ -281,11 +282,11 @@ def network_seconds(
     """Mean seconds of one forward of `batch` patches already on the device (synchronised)."""
     import torch
 
-    from training.trainer import _autocast
+    from training.trainer import _autocast, autocast_dtype
 
     x = torch.randn((batch, 1, *patch), device=device)
     times = []
-    with torch.inference_mode(), _autocast(device, amp):
+    with torch.inference_mode(), _autocast(device, autocast_dtype(device, amp, False)):
         for _ in range(repeats + 1):  # the first one warms up (cuDNN's choices, caches)
             start = time.perf_counter()
             network(x)
@@ -413,8 +414,8 @@ def variant_patches(dtype: str, compile_backend: str | None) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if dtype == "bfloat16":
 
-            def autocast(device: torch.device, amp: bool) -> torch.autocast:
-                return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+            def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+                return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None)
 
             stack.enter_context(mock.patch.object(training.trainer, "_autocast", autocast))
         if compile_backend:

@@ -4,7 +4,8 @@ The issue on importing nnU-Net models promises the container runs a team's nnU-N
 than nnU-Net does, at equal masks. This measures both on one median-size PANTHER Task 1 case:
 
 - ours: `python -m training import-nnunet <folder> --out <model> --no-mirroring`, then the
-  container's entrypoint `process.py --device cpu --threads N` (ONNX Runtime);
+  container's entrypoint `process.py --device cpu --threads N --cpu-engine E`, once with each
+  CPU engine (OpenVINO, the default where installed, and ONNX Runtime);
 - nnU-Net's: `nnUNetPredictor` (tile step 0.5, Gaussian, no mirroring, CPU) initialised from the
   trained folder, `predict_from_files_sequential` on `<case>_0000.mha` (PyTorch). The sequential
   variant runs the same preprocessing, network and export as `predict_from_files`, but in one
@@ -18,6 +19,7 @@ to its exit after the mask is written, and the peak is the child's own VmHWM.
     python -m bench.nnunet                      # median case, threads = usable cores
     python -m bench.nnunet --shape 40 96 112    # quick check
     python -m bench.nnunet --keep work/ --json nnunet.json
+    python -m bench.nnunet --cpu-engines openvino   # one engine only
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.inference import GRIDS, SPACING_ZYX
+
+ENGINE_NAMES = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGURATION = "3d_fullres"
@@ -191,8 +195,11 @@ def agreement(ours_path: Path, theirs_path: Path, tumor_label: int) -> dict[str,
     }
 
 
-def benchmark(work: Path, shape: tuple[int, int, int], threads: int) -> dict[str, Any]:
-    """Builds the model both ways, runs each side once and compares the masks."""
+def benchmark(
+    work: Path, shape: tuple[int, int, int], threads: int, cpu_engines: list[str]
+) -> dict[str, Any]:
+    """Builds the model both ways, runs nnU-Net once and process.py once per CPU engine, and
+    compares each engine's mask with nnU-Net's."""
     from pantherseg.inference.grand_challenge import output_mask_path
     from pantherseg.inference.plan import TASK_SOCKETS
 
@@ -221,15 +228,16 @@ def benchmark(work: Path, shape: tuple[int, int, int], threads: int) -> dict[str
     if imported.returncode != 0:
         raise RuntimeError(f"import-nnunet failed; see {work / 'import.log'}")
 
-    print("running process.py...", flush=True)
-    gc_output = work / "output"
-    files = ["--input", str(gc_input), "--output", str(gc_output), "--model", str(model)]
-    ours = run_child(
-        str(ROOT / "process.py"),
-        [*files, "--device", "cpu", "--threads", str(threads)],
-        work / "process.log",
-    )
-    ours["stages"] = process_py_stages(work / "process.log")
+    ours = {}
+    for engine in cpu_engines:
+        print(f"running process.py --cpu-engine {engine}...", flush=True)
+        files = ["--input", str(gc_input), "--output", str(work / f"output-{engine}")]
+        options = ["--device", "cpu", "--threads", str(threads), "--cpu-engine", engine]
+        log = work / f"process-{engine}.log"
+        ours[engine] = run_child(
+            str(ROOT / "process.py"), [*files, "--model", str(model), *options], log
+        )
+        ours[engine]["stages"] = process_py_stages(log)
 
     print("running nnU-Net's predictor...", flush=True)
     report = work / "nnunet.json"
@@ -243,19 +251,19 @@ def benchmark(work: Path, shape: tuple[int, int, int], threads: int) -> dict[str
     theirs.update(json.loads(report.read_text()))
 
     labels = json.loads((Path(folder) / "dataset.json").read_text())["labels"]
-    masks = agreement(
-        output_mask_path(gc_output, image), work / "nnunet_output" / f"{CASE}.mha", labels["tumor"]
-    )
+    theirs_mask = work / "nnunet_output" / f"{CASE}.mha"
+    for engine, row in ours.items():
+        ours_mask = output_mask_path(work / f"output-{engine}", image)
+        row["masks"] = agreement(ours_mask, theirs_mask, labels["tumor"])
+        row["speedup"] = theirs["wall_s"] / row["wall_s"]
     return {
         "shape_zyx": list(shape),
         "spacing_zyx": list(SPACING_ZYX),
         "parameters": parameters,
         "threads": threads,
         "torch_default_threads": theirs.pop("torch_default_threads"),
-        "process_py": ours,
+        "process_py": ours,  # per CPU engine
         "nnunet": theirs,
-        "masks": masks,
-        "speedup": theirs["wall_s"] / ours["wall_s"],
     }
 
 
@@ -269,38 +277,34 @@ def print_table(result: dict[str, Any]) -> None:
         f"fold {FOLD}, no mirroring"
     )
     print(
-        f"threads: {result['threads']} for both (onnxruntime intra-op via process.py --threads; "
-        f"torch.set_num_threads and nnUNet_def_n_proc); defaults: onnxruntime one intra-op "
-        f"thread per physical core, torch {result['torch_default_threads']}"
+        f"threads: {result['threads']} for every run (process.py --threads: the engine's "
+        f"intra-op threads; torch.set_num_threads and nnUNet_def_n_proc); defaults: one thread "
+        f"per physical core, torch {result['torch_default_threads']}"
     )
     others = "others' CPU s"  # the rest of the machine, during the run
     header = f"{'':<34}{'wall s':>10}{'CPU s':>10}{'peak RSS GiB':>14}{others:>15}"
     print(header)
     print("-" * len(header))
-    for label, key in (
-        ("process.py (ONNX Runtime)", "process_py"),
-        ("nnU-Net (PyTorch)", "nnunet"),
-    ):
-        row = result[key]
+    theirs = result["nnunet"]
+    rows = [(f"process.py ({ENGINE_NAMES[e]})", row) for e, row in result["process_py"].items()]
+    for label, row in [*rows, ("nnU-Net (PyTorch)", theirs)]:
         print(
             f"{label:<34}{row['wall_s']:>10.1f}{row['cpu_s']:>10.1f}{row['peak_gib']:>14.2f}"
             f"{row['others_cpu_s']:>15.1f}"
         )
-    ours, theirs = result["process_py"], result["nnunet"]
-    cpu = theirs["cpu_s"] / ours["cpu_s"]
-    memory = ours["peak_gib"] / theirs["peak_gib"]
-    print(
-        f"speed-up of process.py: {result['speedup']:.2f}x wall, {cpu:.2f}x CPU time; "
-        f"its peak RSS is {memory:.2f} of nnU-Net's (issue's target: 2x wall at equal masks)"
-    )
-    masks = result["masks"]
-    dice = masks["tumor_dice"]
-    print(
-        f"masks: {masks['equal_voxels'] * 100:.4f} % of voxels equal, tumor Dice "
-        f"{'n/a (both empty)' if math.isnan(dice) else f'{dice:.4f}'} (tumor voxels: "
-        f"process.py {masks['tumor_voxels_ours']}, nnU-Net {masks['tumor_voxels_nnunet']})"
-    )
-    for label, row in (("process.py", ours), ("nnU-Net", theirs)):
+    for label, row in rows:
+        cpu = theirs["cpu_s"] / row["cpu_s"]
+        memory = row["peak_gib"] / theirs["peak_gib"]
+        masks = row["masks"]
+        dice = masks["tumor_dice"]
+        print(
+            f"{label}: {row['speedup']:.2f}x wall, {cpu:.2f}x CPU time, peak RSS {memory:.2f} "
+            f"of nnU-Net's (issue's target: 2x wall at equal masks); masks "
+            f"{masks['equal_voxels'] * 100:.4f} % of voxels equal, tumor Dice "
+            f"{'n/a (both empty)' if math.isnan(dice) else f'{dice:.4f}'} (tumor voxels: "
+            f"process.py {masks['tumor_voxels_ours']}, nnU-Net {masks['tumor_voxels_nnunet']})"
+        )
+    for label, row in [*rows, ("nnU-Net", theirs)]:
         stages = row.get("stages", {})
         startup = row["wall_s"] - sum(stages.values())
         parts = ", ".join(f"{name} {seconds:.2f}" for name, seconds in stages.items())
@@ -324,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         default=GRIDS["median"],
         help="image grid (default: the median PANTHER Task 1 case, 72 258 318)",
     )
+    parser.add_argument(
+        "--cpu-engines",
+        nargs="+",
+        choices=sorted(ENGINE_NAMES),
+        default=["openvino", "onnxruntime"],
+        help="process.py once with each (default: both)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--nnunet-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -335,10 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads must be at least 1")
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        result = benchmark(args.keep.resolve(), tuple(args.shape), args.threads)
+        result = benchmark(args.keep.resolve(), tuple(args.shape), args.threads, args.cpu_engines)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            result = benchmark(Path(tmp), tuple(args.shape), args.threads)
+            result = benchmark(Path(tmp), tuple(args.shape), args.threads, args.cpu_engines)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

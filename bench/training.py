@@ -16,6 +16,7 @@ the GPU.
   (test/data/panther_task1_fingerprint.json) with the configuration (the default 16 GB budget,
   or the patch and spacing a `--config` fixes). The CPU runs the first only unless told.
 - Variants, each its own row: `--channels-last` (NDHWC weights and batches, `optim.channels_last`),
+  `--cpu-bfloat16` (CPU steps in bfloat16 autocast, `optim.cpu_bfloat16`),
   `--cudnn-benchmark` (cuDNN's algorithm autotuning, `optim.cudnn_benchmark`), and
   `--concurrent N` (N step processes at once on the same device, as folds trained side by side:
   steps / s is then the sum over the processes).
@@ -28,6 +29,8 @@ the GPU.
     python -m bench.training --threads 1          # CPU threads of the step processes
     python -m bench.training --config examples/demo_gpu.yaml --networks dynunet --patches planned \
         --device cuda --channels-last both --concurrent 1 3    # the demo model's questions
+    python -m bench.training --config examples/demo_cpu.yaml --networks dynunet --patches planned \
+        --device cpu --steps 5 --channels-last both --cpu-bfloat16 both --no-loader  # CPU demo
 
 A CPU step that fails at the default batch (out of memory on a small machine) is measured again
 at batch 1, and both rows are shown.
@@ -84,12 +87,14 @@ class StepSpec:
     batch: int = 0  # 0: the configuration's sampling.batch_size
     config: str | None = None
     channels_last: bool = False
+    cpu_bfloat16: bool = False
     cudnn_benchmark: bool = True
     processes: int = 1
     barrier: str | None = None  # a folder where the processes meet before timing
 
     def describe(self) -> str:
         layout = "NDHWC" if self.channels_last else "NCDHW"
+        layout += ", bfloat16" if self.cpu_bfloat16 else ""
         autotune = f", cuDNN autotune {'on' if self.cudnn_benchmark else 'off'}"
         return (
             f"{self.device} {self.network} {self.patch} {layout}"
@@ -118,7 +123,7 @@ def step_child(spec: StepSpec) -> dict:
 
     from training.losses import build_loss
     from training.networks import build_network
-    from training.trainer import _autocast, _optimizer, memory_layout
+    from training.trainer import _autocast, _optimizer, autocast_dtype, memory_layout
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -133,8 +138,8 @@ def step_child(spec: StepSpec) -> dict:
     network = build_network(config.network, plan).to(torch_device, memory_format=layout).train()
     loss_function = build_loss(config.loss, plan)
     optimizer = _optimizer(config, network.parameters())
-    amp = config.optim.amp and torch_device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    precision = autocast_dtype(torch_device, config.optim.amp, spec.cpu_bfloat16)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
     batch, size = spec.batch or config.sampling.batch_size, plan.inference.patch_size_zyx
     images = torch.randn((batch, 1, *size), device=torch_device).to(memory_format=layout)
     labels = torch.zeros((batch, 1, *size), dtype=torch.long, device=torch_device)
@@ -149,7 +154,7 @@ def step_child(spec: StepSpec) -> dict:
         sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(torch_device, config.optim.amp):
+        with _autocast(torch_device, precision):
             outputs = network(images)
         loss = loss_function(outputs, labels)
         scaler.scale(loss).backward()
@@ -181,7 +186,7 @@ def step_child(spec: StepSpec) -> dict:
         "patch": list(size),
         "batch": batch,
         "hardware": hardware,
-        "amp": amp,
+        "precision": str(precision or torch.float32).removeprefix("torch."),
     }
 
 
@@ -290,7 +295,7 @@ def _print_steps(rows: list[tuple[StepSpec, dict]]) -> None:
             continue
         rate = r["steps_per_second"]
         print(
-            f"| {r['hardware']}{', AMP' if r['amp'] else ''} | {spec.network} | "
+            f"| {r['hardware']}, {r['precision']} | {spec.network} | "
             f"{'x'.join(map(str, r['patch']))} | {r['batch']} | {head} | "
             f"{r['parameters_m']:.1f} | {r['flop'] / 1e9:.0f} | {r['mean_step_seconds']:.3f} | "
             f"{rate:.3g} | {rate * r['flop'] / 1e12:.3g} | {r['peak_gib']:.1f} |"
@@ -311,6 +316,12 @@ def main() -> int:
         help="default: nnunet on the CPU, both on the GPU; the loader uses the first",
     )
     parser.add_argument("--channels-last", choices=["off", "on", "both"], default="off")
+    parser.add_argument(
+        "--cpu-bfloat16",
+        choices=["off", "on", "both"],
+        default="off",
+        help="CPU steps in bfloat16 autocast (optim.cpu_bfloat16)",
+    )
     parser.add_argument("--cudnn-benchmark", choices=["off", "on", "both"], default="on")
     parser.add_argument(
         "--concurrent", nargs="+", type=int, default=[1], help="step processes at once"
@@ -350,10 +361,11 @@ def main() -> int:
             patches,
             args.networks,
             _choices(args.channels_last),
+            [False] if gpu else _choices(args.cpu_bfloat16),
             _choices(args.cudnn_benchmark) if gpu else [True],
             args.concurrent,
         )
-        for patch, name, channels_last, autotune, processes in variants:
+        for patch, name, channels_last, bfloat16, autotune, processes in variants:
             spec = StepSpec(
                 name,
                 device,
@@ -363,6 +375,7 @@ def main() -> int:
                 threads=args.threads,
                 config=args.config,
                 channels_last=channels_last,
+                cpu_bfloat16=bfloat16,
                 cudnn_benchmark=autotune,
                 processes=processes,
             )

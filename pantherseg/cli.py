@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pantherseg import __version__
+from pantherseg.inference.engines import CPU_ENGINES
 from pantherseg.inference.io import ImageError
 from pantherseg.inference.plan import MIRRORING_CHOICES
 
@@ -179,6 +180,13 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
     p.add_argument(
+        "--cpu-engine",
+        choices=CPU_ENGINES,
+        default="auto",
+        help="what runs the network on the CPU: OpenVINO when installed (auto, the default; "
+        "faster), openvino, or onnxruntime",
+    )
+    p.add_argument(
         "--mirroring",
         choices=MIRRORING_CHOICES,
         default="plan",
@@ -221,7 +229,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     files = _collect_images(args.inputs)
     try:
         segmenter = Segmenter.from_model_dir(
-            args.model, device=args.device, threads=args.threads, mirroring=args.mirroring
+            args.model,
+            device=args.device,
+            threads=args.threads,
+            mirroring=args.mirroring,
+            cpu_engine=args.cpu_engine,
         )
     except EngineError as error:
         raise ValueError(str(error)) from None

@@ -12,7 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pantherseg.inference import engines
-from pantherseg.inference.engines import EngineError, OnnxEngine, select_providers
+from pantherseg.inference.engines import (
+    EngineError,
+    OnnxEngine,
+    OpenVinoCompileError,
+    OpenVinoEngine,
+    load_engine,
+    select_providers,
+)
 from pantherseg.inference.gpu import GpuReport
 from pantherseg.inference.sliding_window import mirrored, sliding_window_predict
 
@@ -68,6 +75,14 @@ def dynamic_model(tmp_path: Path) -> Path:
 @pytest.fixture
 def fixed_model(tmp_path: Path) -> Path:
     return conv_model(tmp_path / "fixed.onnx", spatial=(4, 6, 5))
+
+
+@pytest.fixture(params=["onnxruntime", "openvino"])
+def cpu_engine(request):
+    """Each CPU engine, for what both must do alike."""
+    if request.param == "openvino":
+        return lambda path, threads=None: OpenVinoEngine(path, threads=threads)
+    return lambda path, threads=None: OnnxEngine(path, device="cpu", threads=threads)
 
 
 # --- select_providers ----------------------------------------------------------------------------
@@ -133,16 +148,31 @@ def test_auto_device_runs_on_cpu_here(fixed_model: Path) -> None:
     np.testing.assert_allclose(engine(batch), conv_numpy(batch), atol=1e-5)
 
 
-def test_non_contiguous_and_float64_input(fixed_model: Path) -> None:
-    engine = OnnxEngine(fixed_model, device="cpu")
+def test_openvino_engine_matches_numpy(dynamic_model: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="pantherseg"):
+        engine = OpenVinoEngine(dynamic_model, threads=1)
+    assert engine.provider == "OpenVINO CPU" and not engine.on_gpu
+    assert "OpenVINO CPU" in caplog.text and str(dynamic_model) in caplog.text
+    assert (engine.input_name, engine.in_channels, engine.patch_size) == ("image", 2, None)
+    for shape in ((3, 2, 4, 5, 6), (1, 2, 7, 3, 5)):  # a dynamic model takes any batch and patch
+        batch = RNG.normal(size=shape).astype(np.float32)
+        out = engine(batch)
+        assert out.dtype == np.float32 and out.shape == (shape[0], 3, *shape[2:])
+        np.testing.assert_allclose(out, conv_numpy(batch), atol=1e-5)
+
+
+def test_non_contiguous_and_float64_input(fixed_model: Path, cpu_engine) -> None:
+    engine = cpu_engine(fixed_model)
     batch = RNG.normal(size=(2, 2, 4, 6, 5))
     flipped = np.flip(batch, axis=4)
     np.testing.assert_allclose(engine(flipped), conv_numpy(flipped), atol=1e-5)
 
 
 @pytest.mark.parametrize("fixed_batch", [1, 2])
-def test_fixed_batch_model_accepts_larger_batches(tmp_path: Path, fixed_batch: int) -> None:
-    engine = OnnxEngine(conv_model(tmp_path / "b.onnx", batch=fixed_batch), device="cpu")
+def test_fixed_batch_model_accepts_larger_batches(
+    tmp_path: Path, fixed_batch: int, cpu_engine
+) -> None:
+    engine = cpu_engine(conv_model(tmp_path / "b.onnx", batch=fixed_batch))
     for n in (1, 3, 4):
         batch = RNG.normal(size=(n, 2, 3, 4, 5)).astype(np.float32)
         out = engine(batch)
@@ -160,8 +190,8 @@ def test_engine_in_sliding_window_with_mirroring(fixed_model: Path) -> None:
     np.testing.assert_allclose(out, conv_numpy(volume[None])[0], atol=1e-5)
 
 
-def test_bad_batches_are_rejected(fixed_model: Path) -> None:
-    engine = OnnxEngine(fixed_model, device="cpu")
+def test_bad_batches_are_rejected(fixed_model: Path, cpu_engine) -> None:
+    engine = cpu_engine(fixed_model)
     with pytest.raises(ValueError, match="expected"):
         engine(np.zeros((1, 3, 4, 6, 5), np.float32))  # wrong channel count
     with pytest.raises(ValueError, match="the model takes"):
@@ -236,43 +266,84 @@ def test_unknown_device_and_bad_threads(dynamic_model: Path) -> None:
 # --- models the pipeline cannot use --------------------------------------------------------------
 
 
-def test_missing_file(tmp_path: Path) -> None:
+def test_missing_file(tmp_path: Path, cpu_engine) -> None:
     path = tmp_path / "absent.onnx"
     with pytest.raises(EngineError, match="not found") as info:
-        OnnxEngine(path, device="cpu")
+        cpu_engine(path)
     assert str(path) in str(info.value)
 
 
-def test_garbage_file(tmp_path: Path) -> None:
+def test_garbage_file(tmp_path: Path, cpu_engine) -> None:
     path = tmp_path / "garbage.onnx"
     path.write_bytes(b"\x00this is not a model\xff" * 50)
     with pytest.raises(EngineError, match="cannot load the model") as info:
-        OnnxEngine(path, device="cpu")
+        cpu_engine(path)
     assert str(path) in str(info.value)
 
 
-def test_two_outputs(tmp_path: Path) -> None:
+def test_two_outputs(tmp_path: Path, cpu_engine) -> None:
     path = conv_model(tmp_path / "two.onnx", second_output=True)
     with pytest.raises(EngineError, match="2 outputs") as info:
-        OnnxEngine(path, device="cpu")
+        cpu_engine(path)
     assert str(path) in str(info.value) and "logits" in str(info.value)
 
 
-def test_two_dimensional_model(tmp_path: Path) -> None:
+def test_two_dimensional_model(tmp_path: Path, cpu_engine) -> None:
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, "y", "x"])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2, "y", "x"])
     w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "w")
     node = helper.make_node("Conv", ["image", "w"], ["logits"], kernel_shape=[1, 1])
     path = save_model(tmp_path / "flat.onnx", [node], [x], [y], [w])
     with pytest.raises(EngineError, match="5D") as info:
-        OnnxEngine(path, device="cpu")
+        cpu_engine(path)
     assert str(path) in str(info.value)
 
 
-def test_integer_input_model(tmp_path: Path) -> None:
+def test_integer_input_model(tmp_path: Path, cpu_engine) -> None:
     x = helper.make_tensor_value_info("image", TensorProto.INT32, ["batch", 1, "z", "y", "x"])
     y = helper.make_tensor_value_info("logits", TensorProto.INT32, ["batch", 1, "z", "y", "x"])
     node = helper.make_node("Identity", ["image"], ["logits"])
     path = save_model(tmp_path / "int.onnx", [node], [x], [y])
-    with pytest.raises(EngineError, match="float"):
-        OnnxEngine(path, device="cpu")
+    with pytest.raises(EngineError, match="float") as info:
+        cpu_engine(path)
+    assert str(path) in str(info.value)
+
+
+# --- which engine runs the network ---------------------------------------------------------------
+
+
+def test_the_cpu_runs_openvino_when_installed_and_onnxruntime_when_asked(fixed_model) -> None:
+    for device in ("cpu", "auto"):  # no GPU here: auto is the CPU
+        assert isinstance(load_engine(fixed_model, device), OpenVinoEngine)
+        assert isinstance(load_engine(fixed_model, device, cpu_engine="openvino"), OpenVinoEngine)
+        chosen = load_engine(fixed_model, device, cpu_engine="onnxruntime")
+        assert isinstance(chosen, OnnxEngine) and chosen.provider == "CPUExecutionProvider"
+    with pytest.raises(ValueError, match="unknown CPU engine"):
+        load_engine(fixed_model, "cpu", cpu_engine="tvm")
+    with pytest.raises(ValueError, match="unknown device"):
+        load_engine(fixed_model, "tpu")
+
+
+def test_without_openvino_auto_takes_onnxruntime_and_openvino_is_an_error(
+    fixed_model, monkeypatch
+) -> None:
+    monkeypatch.setattr(engines, "openvino_installed", lambda: False)
+    assert isinstance(load_engine(fixed_model, "cpu"), OnnxEngine)
+    with pytest.raises(EngineError, match="OpenVINO is not installed") as info:
+        load_engine(fixed_model, "cpu", cpu_engine="openvino")
+    assert str(fixed_model) in str(info.value)
+
+
+def test_a_model_openvino_cannot_compile_runs_in_onnxruntime_with_one_line(
+    fixed_model, monkeypatch, caplog
+) -> None:
+    def refuse(self, model_path, threads=None):
+        raise OpenVinoCompileError(f"{model_path}: OpenVINO cannot compile it: no such kernel")
+
+    monkeypatch.setattr(OpenVinoEngine, "__init__", refuse)
+    with caplog.at_level(logging.INFO, logger="pantherseg"):
+        engine = load_engine(fixed_model, "cpu")
+    assert isinstance(engine, OnnxEngine)
+    assert "OpenVINO cannot compile it: no such kernel; onnxruntime runs it instead" in caplog.text
+    with pytest.raises(OpenVinoCompileError):  # asked for by name, it is an error
+        load_engine(fixed_model, "cpu", cpu_engine="openvino")

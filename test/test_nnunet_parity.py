@@ -1,5 +1,6 @@
 """An imported nnU-Net v2 model gives nnU-Net's own masks: `python -m training import-nnunet`
-then `process.py`, against `nnUNetPredictor` on the same images.
+then `process.py` (with each CPU engine: OpenVINO and onnxruntime), against `nnUNetPredictor` on
+the same images.
 
 Two real plans, shrunk to run on a CPU (test/nnunet_models.py): the PANTHER organisers' baseline
 (3d_fullres, 3 x 1.1875 x 1.1875 mm, PlainConvUNet, two folds, mirroring) and a ResEnc-L plan at
@@ -70,8 +71,9 @@ def models(request, tmp_path_factory):
     return predictor, model
 
 
+@pytest.mark.parametrize("cpu_engine", ["openvino", "onnxruntime"])
 @pytest.mark.parametrize("name", list(IMAGES))
-def test_process_py_reproduces_nnunets_masks(models, name, tmp_path):
+def test_process_py_reproduces_nnunets_masks(models, name, cpu_engine, tmp_path):
     predictor, model = models
     shape, spacing_xyz, direction = IMAGES[name]
     image = scene(shape, seed=len(name))
@@ -93,12 +95,12 @@ def test_process_py_reproduces_nnunets_masks(models, name, tmp_path):
 
     out = tmp_path / "output"
     argv = ["--input", str(tmp_path / "input"), "--output", str(out), "--model", str(model)]
-    assert process.main([*argv, "--device", "cpu"]) == 0
+    assert process.main([*argv, "--device", "cpu", "--cpu-engine", cpu_engine]) == 0
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUT / "case.mha"))).astype(bool)
     agreement = (ours == tumor).mean()
     assert agreement >= MIN_AGREEMENT, f"{agreement:.5f} of voxels agree"
 
-    segmenter = Segmenter.from_model_dir(model, device="cpu")
+    segmenter = Segmenter.from_model_dir(model, device="cpu", cpu_engine=cpu_engine)
     ours_p = segmenter.probabilities(array, spacing_zyx, read.GetDirection())
     assert np.abs(ours_p["tumor"] - probabilities[1]).max() < 0.02
     assert np.abs(ours_p["pancreas"] - probabilities[2]).max() < 0.02

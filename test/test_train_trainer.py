@@ -410,3 +410,67 @@ def test_validation_runs_no_network_on_a_case_without_a_tumor(tiny, monkeypatch)
     scores = trainer_module.validate_cases(predictor, cases, tiny.plan, 0.5, 1)
     assert scores["dice"] == 1.0
     assert len(seen) == 1 and seen[0].max() == 1.0  # only the tumor case went through
+
+
+def test_cpu_bfloat16_trains_and_validates_in_bfloat16_and_keeps_float32_weights(
+    tiny, tmp_path, monkeypatch
+):
+    """optim.cpu_bfloat16 runs the network's convolutions in bfloat16 on the CPU, training steps
+    and validation alike; the weights the checkpoint keeps (and ONNX exports) stay float32,
+    and without the option everything is float32."""
+    seen = {}
+    real_build = trainer_module.build_network
+
+    def watched(config, plan):
+        network = real_build(config, plan)
+
+        def record(module, inputs, output):
+            first = output[0] if isinstance(output, list) else output  # deep supervision: a list
+            key = (module.training, first.dtype)
+            seen[key] = seen.get(key, 0) + 1
+
+        network.register_forward_hook(record)
+        return network
+
+    monkeypatch.setattr(trainer_module, "build_network", watched)
+    train, val = tiny.split()
+    for name, bfloat16 in (("float32", False), ("bfloat16", True)):
+        seen.clear()
+        config = tiny_config(optim={"cpu_bfloat16": bfloat16})
+        train_fold(config, tiny.plan, train, val, tmp_path / name, device="cpu", progress=False)
+        dtype = torch.bfloat16 if bfloat16 else torch.float32
+        assert {key[1] for key in seen} == {dtype}, name
+        assert {key[0] for key in seen} == {True, False}, name  # training and validation
+        history = json.loads((tmp_path / name / HISTORY_FILE).read_text())
+        assert math.isfinite(history[0]["train_loss"]) and 0 <= history[0]["val_dice"] <= 1
+        saved = weights(tmp_path / name / LAST_CHECKPOINT)
+        assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_autocast_precision_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert trainer_module.autocast_dtype(cpu, amp=True, cpu_bfloat16=False) is None
+    assert trainer_module.autocast_dtype(cpu, amp=False, cpu_bfloat16=True) == torch.bfloat16
+    assert trainer_module.autocast_dtype(cuda, amp=True, cpu_bfloat16=True) == torch.float16
+    assert trainer_module.autocast_dtype(cuda, amp=False, cpu_bfloat16=True) is None
+
+
+def test_a_process_that_ran_openvino_starts_loader_workers_afresh(tiny, tmp_path):
+    """OpenVINO's thread pool does not survive fork(): after an OpenVINO engine ran here (as in a
+    session that segmented, then trains), the workers come from a fresh interpreter and give
+    the same batches as the main process."""
+    import numpy as np
+    from test_engines import conv_model
+
+    from pantherseg.inference.engines import OpenVinoEngine
+
+    engine = OpenVinoEngine(conv_model(tmp_path / "net.onnx"), threads=1)
+    engine(np.ones((1, 2, 4, 4, 4), np.float32))
+    config = tiny_config(sampling={"batch_size": 2}, optim={"iterations_per_epoch": 2})
+    dataset = PatchDataset(tiny.cases, config, tiny.plan, fold=0)
+    indices = list(range(len(dataset)))
+    loader = epoch_loader(dataset, indices, 2, workers=2)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    alone = list(epoch_loader(dataset, indices, 2, workers=0))
+    for (image, label), (image0, label0) in zip(loader, alone, strict=True):
+        assert torch.equal(image, image0) and torch.equal(label, label0)

@@ -95,6 +95,7 @@ class OptimConfig:
     time_limit_minutes: float | None = None
     grad_clip: float = 12.0
     amp: bool = True
+    cpu_bfloat16: bool = False
     cudnn_benchmark: bool = True
     channels_last: bool = False
 

@@ -46,7 +46,7 @@ from pantherseg.inference.sliding_window import (
 )
 
 if TYPE_CHECKING:
-    from pantherseg.inference.engines import OnnxEngine
+    from pantherseg.inference.engines import Engine
 
 log = logging.getLogger("pantherseg")
 
@@ -240,18 +240,21 @@ class Segmenter:
         device: str = "auto",
         threads: int | None = None,
         mirroring: str = "plan",
+        cpu_engine: str = "auto",
     ) -> Segmenter:
-        """Loads and checks the plan and every fold's ONNX weights."""
-        from pantherseg.inference.engines import OnnxEngine
+        """Loads and checks the plan and every fold's ONNX weights (on the CPU in `cpu_engine`,
+        see `engines.load_engine`)."""
+        from pantherseg.inference.engines import load_engine
 
         plan = load_plan(model_dir)
         stages = [plan.inference] + ([plan.localiser.inference] if plan.localiser else [])
-        engines: list[list[OnnxEngine]] = []
+        engines: list[list[Engine]] = []
         for inference in stages:
             half = inference.precision == "float16"
             paths = fold_paths(inference, model_dir)
             loaded = [
-                OnnxEngine(path, device=device, threads=threads, allow_fp16=half) for path in paths
+                load_engine(path, device, threads, allow_fp16=half, cpu_engine=cpu_engine)
+                for path in paths
             ]
             for engine, path in zip(loaded, paths, strict=True):
                 _check_engine(engine, path, inference)
@@ -262,7 +265,7 @@ class Segmenter:
             plan,
             engines[0],
             description,
-            on_gpu=providers != ["CPUExecutionProvider"],
+            on_gpu=any(engine.on_gpu for stage in engines for engine in stage),
             mirroring=mirroring,
             localiser_folds=engines[1] if len(engines) > 1 else (),
         )
@@ -397,7 +400,7 @@ def locate(
         return dataclasses.replace(found, box=box, core=core)
 
 
-def _check_engine(engine: OnnxEngine, path: Path, inference: Inference) -> None:
+def _check_engine(engine: Engine, path: Path, inference: Inference) -> None:
     from pantherseg.inference.engines import EngineError
 
     if engine.patch_size not in (None, inference.patch_size_zyx):
