@@ -161,6 +161,17 @@ def test_openvino_engine_matches_numpy(dynamic_model: Path, caplog) -> None:
         np.testing.assert_allclose(out, conv_numpy(batch), atol=1e-5)
 
 
+def test_openvino_fixes_a_dynamic_batch_at_one_where_the_patch_is_fixed(
+    fixed_model: Path, dynamic_model: Path
+) -> None:
+    """One shape to compile for; larger batches are still served, one tile at a time."""
+    fixed = OpenVinoEngine(fixed_model, threads=1)
+    assert fixed._fixed_batch == 1 and fixed.patch_size == (4, 6, 5)
+    batch = RNG.normal(size=(3, 2, 4, 6, 5)).astype(np.float32)
+    np.testing.assert_allclose(fixed(batch), conv_numpy(batch), atol=1e-5)
+    assert OpenVinoEngine(dynamic_model, threads=1)._fixed_batch is None
+
+
 def test_non_contiguous_and_float64_input(fixed_model: Path, cpu_engine) -> None:
     engine = cpu_engine(fixed_model)
     batch = RNG.normal(size=(2, 2, 4, 6, 5))

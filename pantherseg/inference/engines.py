@@ -4,7 +4,7 @@ Inference needs no torch: training exports each network to ONNX, and this module
 whatever accelerator is really present. onnxruntime silently falls back to the CPU when CUDA
 libraries are missing, which turns a one-minute job into an hour; so the provider in use is
 checked after the session is created, logged, and a CUDA request that did not take is an error.
-On the CPU, OpenVINO runs the same ONNX file in float32 1.8 to 2.4 times faster than
+On the CPU, OpenVINO runs the same ONNX file in float32 1.8 to 2.7 times faster than
 onnxruntime's CPU provider (3D U-Nets, 2 threads; `python -m bench.engines`), so `load_engine`
 takes it there when it is installed; both engines share the signature and batch checks.
 """
@@ -304,6 +304,7 @@ class OpenVinoEngine(Engine):
             model = core.read_model(str(self.model_path))
         except Exception as error:  # OpenVINO raises RuntimeError subclasses of its own
             raise EngineError(f"{self.model_path}: cannot load the model: {error}") from error
+        _fix_batch_at_one(model)
         self._read_signature(
             [_openvino_port(p) for p in model.inputs], [_openvino_port(p) for p in model.outputs]
         )
@@ -325,6 +326,21 @@ class OpenVinoEngine(Engine):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         self._request.infer({0: batch})
         return self._request.get_output_tensor(0).data.copy()
+
+
+def _fix_batch_at_one(model) -> None:
+    """A dynamic batch fixed at one where the rest of the input's shape is fixed: with one shape
+    to plan for, OpenVINO takes 0.3 GiB less peak memory and 3 % less time per tile on the
+    nnU-Net baseline's network (2 threads), and the CPU's sliding window feeds one tile at a time
+    anyway (a larger batch is served one by one)."""
+    if len(model.inputs) != 1:
+        return  # _read_signature refuses it with the reason
+    partial = model.inputs[0].get_partial_shape()
+    if partial.rank.is_dynamic or len(partial) < 2:
+        return
+    dims = list(partial)
+    if dims[0].is_dynamic and all(d.is_static for d in dims[1:]):
+        model.reshape({model.inputs[0]: [1, *(d.get_length() for d in dims[1:])]})
 
 
 @functools.cache
