@@ -419,3 +419,29 @@ def test_members_outputs_are_not_modified() -> None:
     averaged([lambda b: cached, lambda b: cached * 3])(cached)
     mirrored(lambda b: cached, [0])(cached)
     np.testing.assert_array_equal(cached, 1)
+
+
+@pytest.mark.parametrize("stitching", ["nnunet", "pantherseg"])
+def test_tile_weights_are_computed_once_per_patch(monkeypatch, stitching: str) -> None:
+    """Every fold of every case reuses the weights (nnU-Net's map costs 0.3 s a patch), and the
+    shared array cannot be changed by a caller."""
+    from pantherseg.inference import sliding_window
+
+    sliding_window._tile_weights.cache_clear()
+    calls = []
+    for name in ("nnunet_gaussian", "gaussian_importance_map"):
+        real = getattr(sliding_window, name)
+        monkeypatch.setattr(
+            sliding_window, name, lambda *a, _real=real, **k: calls.append(a) or _real(*a, **k)
+        )
+    volume = RNG.normal(size=(1, 9, 10, 11)).astype(np.float32)
+    predict = pointwise(np.ones((2, 1), np.float32), np.zeros(2, np.float32))
+    first = sliding_window_predict(volume, predict, (4, 6, 5), stitching=stitching)
+    second = sliding_window_predict(volume, predict, (4, 6, 5), stitching=stitching)
+    np.testing.assert_array_equal(first, second)
+    assert len(calls) == 1
+    sliding_window_predict(volume, predict, (5, 6, 5), stitching=stitching)
+    assert len(calls) == 2
+    weights = sliding_window._tile_weights((4, 6, 5), 1 / 8, stitching, np.dtype(np.float16))
+    with pytest.raises(ValueError, match="read-only"):
+        weights[0, 0, 0] = 0

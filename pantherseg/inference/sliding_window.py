@@ -11,6 +11,7 @@ Arrays are channel-first: a volume is (C, Z, Y, X), a batch is (B, C, pz, py, px
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -163,15 +164,8 @@ def sliding_window_predict(
     padded, crop = _pad_to_patch(volume, patch)
     padded_shape = padded.shape[1:]
 
-    if stitching == "nnunet":
-        weights = nnunet_gaussian(patch, sigma_scale).astype(np.float32)
-        placement = nnunet_tile_starts
-    else:
-        # Raise tiny border weights to what the accumulator can hold, so a voxel seen only by
-        # tile corners neither underflows to 0/0 in float16 nor loses all precision.
-        weights = gaussian_importance_map(patch, sigma_scale)
-        weights = np.maximum(weights, np.finfo(acc_dtype).eps).astype(np.float32)
-        placement = tile_starts
+    weights = _tile_weights(patch, sigma_scale, stitching, acc_dtype)
+    placement = nnunet_tile_starts if stitching == "nnunet" else tile_starts
     weight_sum = np.zeros(padded_shape, dtype=acc_dtype)
     logit_sum: np.ndarray | None = None  # allocated once K is known from the first output
     weighted = None
@@ -215,6 +209,24 @@ def sliding_window_predict(
             f"stitched logits are not finite: the predictor returned NaN/inf{overflow}"
         )
     return result
+
+
+@functools.lru_cache(maxsize=8)
+def _tile_weights(
+    patch: tuple[int, int, int], sigma_scale: float, stitching: str, acc_dtype: np.dtype
+) -> np.ndarray:
+    """The float32 tile weights, read-only, computed once per patch and stitching: nnU-Net's
+    filtered map takes 0.3 s at the Task 1 baseline's patch, which every fold of every case
+    would otherwise pay again."""
+    if stitching == "nnunet":
+        weights = nnunet_gaussian(patch, sigma_scale).astype(np.float32)
+    else:
+        # Raise tiny border weights to what the accumulator can hold, so a voxel seen only by
+        # tile corners neither underflows to 0/0 in float16 nor loses all precision.
+        weights = gaussian_importance_map(patch, sigma_scale)
+        weights = np.maximum(weights, np.finfo(acc_dtype).eps).astype(np.float32)
+    weights.flags.writeable = False
+    return weights
 
 
 def mirrored(predictor: Predictor, axes: Sequence[int]) -> Predictor:
