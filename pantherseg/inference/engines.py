@@ -304,10 +304,15 @@ class OpenVinoEngine(Engine):
             model = core.read_model(str(self.model_path))
         except Exception as error:  # OpenVINO raises RuntimeError subclasses of its own
             raise EngineError(f"{self.model_path}: cannot load the model: {error}") from error
-        _fix_batch_at_one(model)
         self._read_signature(
             [_openvino_port(p) for p in model.inputs], [_openvino_port(p) for p in model.outputs]
         )
+        if self._fixed_batch is None and self.patch_size is not None:
+            # One shape to plan for: 0.3 GiB less peak memory and 3 % less time per tile on the
+            # nnU-Net baseline's network (2 threads); the CPU's sliding window feeds one tile at
+            # a time anyway, and a larger batch is served one by one.
+            model.reshape({model.inputs[0]: [1, self.in_channels, *self.patch_size]})
+            self._fixed_batch = 1
         settings: dict[str, object] = {
             "INFERENCE_PRECISION_HINT": "f32",
             "PERFORMANCE_HINT": "LATENCY",
@@ -326,21 +331,6 @@ class OpenVinoEngine(Engine):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         self._request.infer({0: batch})
         return self._request.get_output_tensor(0).data.copy()
-
-
-def _fix_batch_at_one(model) -> None:
-    """A dynamic batch fixed at one where the rest of the input's shape is fixed: with one shape
-    to plan for, OpenVINO takes 0.3 GiB less peak memory and 3 % less time per tile on the
-    nnU-Net baseline's network (2 threads), and the CPU's sliding window feeds one tile at a time
-    anyway (a larger batch is served one by one)."""
-    if len(model.inputs) != 1:
-        return  # _read_signature refuses it with the reason
-    partial = model.inputs[0].get_partial_shape()
-    if partial.rank.is_dynamic or len(partial) < 2:
-        return
-    dims = list(partial)
-    if dims[0].is_dynamic and all(d.is_static for d in dims[1:]):
-        model.reshape({model.inputs[0]: [1, *(d.get_length() for d in dims[1:])]})
 
 
 @functools.cache
