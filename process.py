@@ -15,15 +15,15 @@ import sys
 import traceback
 from pathlib import Path
 
-from pantherseg.inference.engines import CPU_ENGINES
 from pantherseg.inference.grand_challenge import (
     SOCKET_TASKS,
     check_model_task,
     find_input_image,
     output_mask_path,
 )
-from pantherseg.inference.pipeline import Segmenter, segment_file
-from pantherseg.inference.plan import MIRRORING_CHOICES, PLAN_FILE
+from pantherseg.inference.options import add_inference_options, load_segmenter
+from pantherseg.inference.pipeline import segment_file
+from pantherseg.inference.plan import PLAN_FILE, load_plan
 
 GRAND_CHALLENGE_MODEL = Path("/opt/ml/model")
 BAKED_MODEL = Path(__file__).resolve().parent / "model"
@@ -47,21 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"model folder (default {GRAND_CHALLENGE_MODEL} if it holds a plan, "
         f"else {BAKED_MODEL})",
     )
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument(
-        "--mirroring",
-        choices=MIRRORING_CHOICES,
-        default="plan",
-        help="test-time mirroring over the trained axes: as the plan says (default), on or off",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
-    parser.add_argument(
-        "--cpu-engine",
-        choices=CPU_ENGINES,
-        default="auto",
-        help="what runs the network on the CPU: OpenVINO when installed (auto, the default; "
-        "faster), openvino, or onnxruntime",
-    )
+    add_inference_options(parser)
     parser.add_argument("--traceback", action="store_true", help="print tracebacks of failures")
     return parser.parse_args(argv)
 
@@ -85,21 +71,18 @@ def run(args: argparse.Namespace) -> Path:
     output = output_mask_path(args.output, case.path)
     _check_writable(output.parent)
     model_dir = args.model or default_model_dir()
-    segmenter = Segmenter.from_model_dir(
-        model_dir,
-        device=args.device,
-        threads=args.threads,
-        mirroring=args.mirroring,
-        cpu_engine=args.cpu_engine,
-    )
+    # The plan alone says the model's task: an image of the other task is refused before any
+    # fold's weights are loaded and compiled.
+    model_socket = load_plan(model_dir).input_socket
+    check_model_task(case, model_socket, model_dir)
+    segmenter = load_segmenter(model_dir, args)
     log = logging.getLogger("pantherseg")
     log.info("input %s (%s); model: %s", case.path, case.socket, segmenter.description)
-    check_model_task(case, segmenter.plan.input_socket, model_dir)
     if case.socket not in SOCKET_TASKS:
         log.warning(
             "the input's folder %s names no task; the model was trained for %s",
             case.socket,
-            segmenter.plan.input_socket,
+            model_socket,
         )
     segment_file(segmenter, case.path, output)
     return output

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pantherseg import __version__
-from pantherseg.inference.engines import CPU_ENGINES
 from pantherseg.inference.io import ImageError
-from pantherseg.inference.plan import MIRRORING_CHOICES
+from pantherseg.inference.options import add_inference_options, load_segmenter
 
 
 def _add_synth(subparsers: argparse._SubParsersAction) -> None:
@@ -177,21 +176,7 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         default=Path("model"),
         help="folder with plan.json and the ONNX folds (default ./model)",
     )
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
-    p.add_argument(
-        "--cpu-engine",
-        choices=CPU_ENGINES,
-        default="auto",
-        help="what runs the network on the CPU: OpenVINO when installed (auto, the default; "
-        "faster), openvino, or onnxruntime",
-    )
-    p.add_argument(
-        "--mirroring",
-        choices=MIRRORING_CHOICES,
-        default="plan",
-        help="test-time mirroring over the trained axes: as the plan says (default), on or off",
-    )
+    add_inference_options(p)
     p.set_defaults(run=_run_predict)
 
 
@@ -222,19 +207,13 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from pantherseg.inference.engines import EngineError
     from pantherseg.inference.io import strip_image_suffix
-    from pantherseg.inference.pipeline import Segmenter, segment_file
+    from pantherseg.inference.pipeline import segment_file
 
     # Progress and the log go to stdout, as in process.py: stderr is for failures only.
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(levelname)s %(message)s")
     files = _collect_images(args.inputs)
     try:
-        segmenter = Segmenter.from_model_dir(
-            args.model,
-            device=args.device,
-            threads=args.threads,
-            mirroring=args.mirroring,
-            cpu_engine=args.cpu_engine,
-        )
+        segmenter = load_segmenter(args.model, args)
     except EngineError as error:
         raise ValueError(str(error)) from None
     print(f"model: {segmenter.description}")

@@ -13,6 +13,8 @@ import SimpleITK as sitk
 from imaging import phantom, rotation, write_image
 from model_factory import threshold_model_dir
 
+import process
+from pantherseg.cli import build_parser
 from pantherseg.inference.io import Geometry
 from pantherseg.scoring.metrics import dice
 
@@ -109,3 +111,31 @@ def test_a_bad_image_among_good_ones_leaves_no_mask_of_its_own(tmp_path, model_d
     assert any(str(bad) in line and "3D" in line for line in result.stderr.splitlines())
     assert files_under(tmp_path / "masks") == [Path("good.mha")]
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "masks" / "good.mha"))).any()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["--device", "cpu", "--threads", "1", "--cpu-engine", "onnxruntime", "--mirroring", "off"],
+        ["--device", "cuda", "--cpu-engine", "openvino", "--mirroring", "on"],
+    ],
+)
+def test_process_and_predict_read_the_inference_options_alike(options):
+    """The container's entrypoint and `pantherseg predict` load a model with the same choices
+    from the same flags (declared once, in `pantherseg.inference.options`)."""
+    container = process.parse_args(options)
+    command_line = build_parser().parse_args(["predict", "x.mha", "-o", "out", *options])
+    for name in ("device", "threads", "cpu_engine", "mirroring"):
+        assert getattr(container, name) == getattr(command_line, name), name
+
+
+def test_an_unknown_cpu_engine_is_refused_by_both_entry_points(capsys):
+    for parse in (
+        lambda: process.parse_args(["--cpu-engine", "tvm"]),
+        lambda: build_parser().parse_args(["predict", "x.mha", "-o", "o", "--cpu-engine", "tvm"]),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            parse()
+        assert exited.value.code == 2
+        assert "invalid choice: 'tvm'" in capsys.readouterr().err

@@ -413,6 +413,19 @@ def test_an_image_of_the_other_task_is_refused(tmp_path, capsys, model_task, slu
     assert left_behind(tmp_path) == []
 
 
+def test_the_other_task_is_refused_before_any_weights_load(tmp_path, capsys, monkeypatch):
+    """The plan names the model's task, so the refusal costs no fold loading or compiling."""
+    other = threshold_model_dir(tmp_path / "model", task="task2")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the task was checked")
+
+    monkeypatch.setattr("pantherseg.inference.engines.load_engine", no_loading)
+    assert run(tmp_path, job(tmp_path, phantom()[0], slug="abdominal-t1-mri"), other) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "a task1 image (socket abdominal-t1-mri)" in line and "trained for task2" in line
+
+
 def test_a_task_2_image_with_a_task_2_model_is_segmented(tmp_path, capsys):
     task2 = threshold_model_dir(tmp_path / "model", task="task2")
     assert run(tmp_path, job(tmp_path, phantom()[0], slug="abdominal-t2-mri"), task2) == 0

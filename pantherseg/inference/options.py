@@ -1,0 +1,41 @@
+"""The inference options that process.py and `pantherseg predict` share, declared once so that the
+container's entrypoint and the command line cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pantherseg.inference.engines import CPU_ENGINES
+from pantherseg.inference.pipeline import Segmenter
+from pantherseg.inference.plan import MIRRORING_CHOICES
+
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how the network runs: --device, --threads, --cpu-engine, --mirroring."""
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
+    parser.add_argument(
+        "--cpu-engine",
+        choices=CPU_ENGINES,
+        default="auto",
+        help="what runs the network on the CPU: OpenVINO when installed (auto, the default; "
+        "faster), openvino, or onnxruntime",
+    )
+    parser.add_argument(
+        "--mirroring",
+        choices=MIRRORING_CHOICES,
+        default="plan",
+        help="test-time mirroring over the trained axes: as the plan says (default), on or off",
+    )
+
+
+def load_segmenter(model_dir: Path, args: argparse.Namespace) -> Segmenter:
+    """The model in `model_dir`, loaded as the options of `add_inference_options` ask."""
+    return Segmenter.from_model_dir(
+        model_dir,
+        device=args.device,
+        threads=args.threads,
+        mirroring=args.mirroring,
+        cpu_engine=args.cpu_engine,
+    )
