@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> Path:
     _check_writable(output.parent)
     model_dir = args.model or default_model_dir()
     # The plan alone says the model's task: an image of the other task is refused before any
-    # fold's weights are loaded and compiled.
-    model_socket = load_plan(model_dir).input_socket
+    # fold's weights are loaded and compiled (and checksummed: loading the segmenter does that).
+    model_socket = load_plan(model_dir, verify_weights=False).input_socket
     check_model_task(case, model_socket, model_dir)
     segmenter = load_segmenter(model_dir, args)
     log = logging.getLogger("pantherseg")
