@@ -12,9 +12,12 @@ import pytest
 import SimpleITK as sitk
 
 from pantherseg.inference.plan import Inference, Plan, Preprocessing
+from pantherseg.inference.postprocess import postprocess
+from pantherseg.scoring import metrics
 from training.config import TrainingConfig
 from training.crossval import (
     SplitError,
+    _score_case_variants,
     candidate_settings,
     load_or_make_splits,
     make_splits,
@@ -152,6 +155,23 @@ def test_selection_finds_the_known_best_variant(tmp_path, jobs):
     assert table["t0.7_min100"]["dice"] > 0.0  # the never-empty rule kept something
     assert table["t0.7_min100"]["n_never_empty_fallbacks"] == 3
     assert best["n_never_empty_fallbacks"] == 0
+
+
+def test_every_variant_scores_as_its_own_postprocessing_would(tmp_path):
+    """The search reuses a never-empty variant's twin score where the twin's mask is not empty;
+    each variant still scores exactly what post-processing it alone gives, at thresholds that
+    leave the mask full, partial and empty."""
+    case, oof = write_known_case(tmp_path, "c0", np.random.default_rng(5))
+    candidates = candidate_settings(config_with([0.5, 0.6, 0.7], [0.0, 100.0]), make_plan())
+    scores, fell_back = _score_case_variants((oof, case.label, candidates))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))) == 1
+    with np.load(oof) as data:
+        tumor = data["tumor"].astype(np.float32)
+    for name, settings in candidates.items():
+        mask, report = postprocess(tumor, (1.0, 1.0, 1.0), settings)
+        assert scores[name] == metrics.score_case(truth, mask.astype(bool), (1.0, 1.0, 1.0)), name
+        assert (name in fell_back) == bool(report.fallback), name
+    assert fell_back == {"t0.7_min0", "t0.7_min100"}
 
 
 def test_never_empty_fallbacks_are_counted_per_variant_and_logged_once(tmp_path, caplog):
