@@ -191,6 +191,24 @@ def test_config_values_are_checked_by_type(tmp_path):
         load_config(write_config(tmp_path / "d.yaml", cv={"thresholds": 0.5}))
 
 
+def test_label_intensity_settings_are_checked(tmp_path):
+    from training.config import ConfigError, load_config
+
+    good = load_config(
+        write_config(tmp_path / "a.yaml", augmentation={"label_intensity": [0.6, 1.3]})
+    )
+    assert good.augmentation.label_intensity == [0.6, 1.3]
+    bad = [
+        ({"label_intensity": [1.3, 0.6]}, "0 < low <= high"),
+        ({"label_intensity": [0.0, 1.0]}, "0 < low <= high"),
+        ({"label_intensity_classes": ["liver"]}, "must name tumor and/or pancreas"),
+        ({"label_intensity_probability": 1.5}, r"must be in \[0, 1\]"),
+    ]
+    for index, (values, message) in enumerate(bad):
+        with pytest.raises(ConfigError, match=message):
+            load_config(write_config(tmp_path / f"b{index}.yaml", augmentation=values))
+
+
 def test_only_training_runs_under_torchrun(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run("export", "--work", tmp_path, "--out", tmp_path / "model") == 2

@@ -9,7 +9,9 @@ import torch
 from pantherseg.inference.plan import Inference, Plan, Preprocessing
 from training.config import AugmentationConfig, TrainingConfig
 from training.transforms import (
+    FLOOR_KEY,
     INDICES_KEY,
+    RandLabelIntensityd,
     RandRotateScaled,
     RandTumorCropd,
     TumorIndicesd,
@@ -159,3 +161,47 @@ def test_rotation_is_about_z_so_slices_stay_slices():
     assert out.dtype == torch.uint8
     assert torch.nonzero(out)[:, 1].unique().tolist() == [4]  # still only slice 4
     assert not torch.equal(out, torch.as_tensor(label))  # but turned within it
+
+
+def test_label_intensity_scales_raw_intensity_inside_the_classes_only():
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(1, 20, 40, 40)).astype(np.float32)
+    label = np.zeros((1, 20, 40, 40), np.uint8)
+    label[0, 2:18, 3:25, 3:25] = 2
+    label[0, 6:14, 10:18, 10:18] = 1
+    floor = -1.5
+    transform = RandLabelIntensityd("image", "label", (1, 2), (0.5, 0.5), prob=1.0)
+    out = transform({"image": image, "label": label, FLOOR_KEY: floor})
+    assert FLOOR_KEY not in out and out["label"] is label
+    core = np.zeros_like(label, bool)
+    core[0, 7:13, 8:20, 8:20] = True  # 5 voxels inside: the blurred weight is 1 there
+    np.testing.assert_allclose(out["image"][core], floor + 0.5 * (image[core] - floor), atol=1e-4)
+    far = np.zeros_like(label, bool)
+    far[0, :, 32:, 32:] = True  # beyond the blur
+    np.testing.assert_array_equal(out["image"][far], image[far])
+    row = (0, 10, 14, slice(0, 7))  # across the pancreas' edge at x = 3: a gradual change
+    change = out["image"][row] - image[row]
+    full = 0.5 * (floor - image[row])
+    assert np.all(np.abs(change) <= np.abs(full) + 1e-6)
+    assert 0.05 < change[2] / full[2] < 0.95 and 0.05 < change[3] / full[3] < 0.95
+
+
+def test_label_intensity_off_by_probability_and_without_the_classes():
+    image = np.zeros((1, 4, 8, 8), np.float32)
+    label = np.zeros((1, 4, 8, 8), np.uint8)
+    never = RandLabelIntensityd("image", "label", (1,), (0.5, 2.0), prob=0.0)
+    np.testing.assert_array_equal(never({"image": image + 1, "label": label + 1})["image"], 1)
+    always = RandLabelIntensityd("image", "label", (1,), (0.5, 2.0), prob=1.0)
+    np.testing.assert_array_equal(always({"image": image + 1, "label": label})["image"], 1)
+
+
+def test_label_intensity_in_the_pipeline_keeps_the_patch_keys():
+    config = make_config(label_intensity=[0.6, 1.3], label_intensity_probability=1.0)
+    transform = train_transforms(config, make_plan())
+    case = make_case()
+    off = make_config(label_intensity=[0.6, 1.3], label_intensity_probability=0.0)
+    plain = train_transforms(off, make_plan())({**make_case(), FLOOR_KEY: -3.0})
+    out = transform({**case, FLOOR_KEY: -3.0})
+    assert set(out) == {"image", "label"}
+    assert torch.equal(out["label"], plain["label"])  # the label and the crop are untouched
+    assert not torch.equal(out["image"], plain["image"])

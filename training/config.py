@@ -57,6 +57,9 @@ class AugmentationConfig:
     noise_std: float = 0.1
     blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
     low_resolution: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    label_intensity: list[float] | None = None
+    label_intensity_classes: list[str] = field(default_factory=lambda: ["tumor", "pancreas"])
+    label_intensity_probability: float = 0.3
 
 
 @dataclass
@@ -220,6 +223,7 @@ def load_config(path: Path | None = None) -> TrainingConfig:
         raise ConfigError(
             f"validation.target must be 'tumor' or 'foreground', not {config.validation.target!r}"
         )
+    _check_label_intensity(config.augmentation)
     cascade = config.cascade
     if cascade.margin_mm < 0 or (cascade.jitter_mm is not None and cascade.jitter_mm < 0):
         raise ConfigError("cascade.margin_mm and cascade.jitter_mm must be >= 0")
@@ -228,3 +232,24 @@ def load_config(path: Path | None = None) -> TrainingConfig:
             f"cascade.localiser_voxels must be at least 8, not {cascade.localiser_voxels}"
         )
     return config
+
+
+def _check_label_intensity(aug: AugmentationConfig) -> None:
+    if aug.label_intensity is not None:
+        factors = aug.label_intensity
+        if len(factors) != 2 or not 0 < factors[0] <= factors[1]:
+            raise ConfigError(
+                "augmentation.label_intensity must be null or [low, high] with "
+                f"0 < low <= high, not {factors}"
+            )
+    unknown = [c for c in aug.label_intensity_classes if c not in ("tumor", "pancreas")]
+    if unknown or not aug.label_intensity_classes:
+        raise ConfigError(
+            "augmentation.label_intensity_classes must name tumor and/or pancreas, not "
+            f"{aug.label_intensity_classes}"
+        )
+    if not 0 <= aug.label_intensity_probability <= 1:
+        raise ConfigError(
+            "augmentation.label_intensity_probability must be in [0, 1], not "
+            f"{aug.label_intensity_probability}"
+        )

@@ -50,7 +50,7 @@ from training.losses import build_loss
 from training.networks import build_network
 from training.regions import RegionSampling, foreground_box, region_box, window
 from training.seeding import derived_seed, seed_everything
-from training.transforms import train_transforms
+from training.transforms import FLOOR_KEY, train_transforms
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -95,6 +95,13 @@ class PatchDataset(Dataset):
         self.boxes = (
             {c.case_id: foreground_box(load_cached(c)[1][0]) for c in cases} if region else {}
         )
+        # the z-score of raw zero, for label-intensity augmentation: the case's minimum, which a
+        # region box inside the body does not reach
+        self.floors = (
+            {c.case_id: float(load_cached(c)[0].min()) for c in cases}
+            if config.augmentation.label_intensity is not None
+            else {}
+        )
         self.spacing = plan.preprocessing.target_spacing_zyx
         self.transforms = train_transforms(config, plan)
         self.length = config.optim.iterations_per_epoch * config.sampling.batch_size
@@ -116,7 +123,10 @@ class PatchDataset(Dataset):
         self.transforms.set_random_state(
             seed=derived_seed(self.seed, _AUGMENT, self.fold, self.epoch, index)
         )
-        sample = self.transforms({"image": np.array(image), "label": np.array(label)})
+        data = {"image": np.array(image), "label": np.array(label)}
+        if case.case_id in self.floors:
+            data[FLOOR_KEY] = self.floors[case.case_id]
+        sample = self.transforms(data)
         if isinstance(sample, list):
             sample = sample[0]
         return torch.as_tensor(sample["image"]).float(), torch.as_tensor(sample["label"]).long()

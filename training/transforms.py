@@ -14,6 +14,8 @@ Stages (applied in nnU-Net's order: crop, spatial, intensity, mirroring):
    The crop is larger than the patch (`context_size`) so that rotating and scaling it never
    brings padded corners into the patch; parts outside the volume (and volumes smaller than the
    patch) are zero-padded, 0 being the mean intensity after z-scoring.
+   Optionally (`augmentation.label_intensity`) the tumor's and pancreas' intensity is scaled
+   on the crop, which varies their contrast against their neighbours (`RandLabelIntensityd`).
 2. spatial: rotation mostly about z (in-plane), small tilts of the thick slices, isotropic
    scaling, each with `augmentation.probability`, resampled straight to the patch size in one
    interpolation (images linear, labels nearest); without either it is a plain centre crop.
@@ -53,12 +55,14 @@ from monai.transforms import (
     Transform,
 )
 from monai.transforms.utils import create_rotate, create_scale
+from scipy import ndimage
 
 from pantherseg.inference.plan import KNOWN_CLASSES, Plan
 from training.config import AugmentationConfig, TrainingConfig
 
 TUMOR = KNOWN_CLASSES.index("tumor")
 INDICES_KEY = "tumor_indices"
+FLOOR_KEY = "intensity_floor"  # the z-score of raw zero in a case, for RandLabelIntensityd
 Triple = tuple[int, int, int]
 
 
@@ -158,6 +162,49 @@ class RandTumorCropd(Randomizable, MapTransform):
         ]
         for key in self.key_iterator(d):
             d[key] = _crop_padded(np.asarray(d[key]), lower, self.size)
+        return d
+
+
+class RandLabelIntensityd(Randomizable, MapTransform):
+    """Scales the image inside `classes` of the label by one factor from `factors`, with
+    probability `prob`, as if those tissues enhanced more or less in this patient: the raw
+    intensity x becomes f * x there. On z-scored data that is floor + f * (z - floor), `floor`
+    being the z-score of raw zero (the case's minimum, `FLOOR_KEY`, else the patch's). The
+    region's edge is blurred (sigma one voxel) so the label gets no sharp edge of its own.
+    Patch-wide brightness, contrast and gamma keep every tissue's rank; this one changes the
+    tumor's and pancreas' contrast against their neighbours, which varies between patients."""
+
+    def __init__(
+        self,
+        image_key: str,
+        label_key: str,
+        classes: Sequence[int],
+        factors: Sequence[float],
+        prob: float,
+    ) -> None:
+        MapTransform.__init__(self, (image_key,))
+        self.image_key, self.label_key = image_key, label_key
+        self.classes = tuple(int(c) for c in classes)
+        self.factors = (float(factors[0]), float(factors[1]))
+        self.prob = prob
+        self._factor: float | None = None
+
+    def randomize(self, data: Any = None) -> None:
+        apply = self.R.rand() < self.prob
+        self._factor = float(self.R.uniform(*self.factors)) if apply else None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        floor = d.pop(FLOOR_KEY, None)
+        self.randomize()
+        region = np.isin(np.asarray(d[self.label_key])[0], self.classes)
+        if self._factor is None or not region.any():
+            return d
+        image = np.asarray(d[self.image_key], dtype=np.float32)
+        floor = float(image.min()) if floor is None else float(floor)
+        weight = ndimage.gaussian_filter(region.astype(np.float32), sigma=1.0)
+        weight *= self._factor - 1.0
+        d[self.image_key] = (image + weight[None] * (image - floor)).astype(np.float32)
         return d
 
 
@@ -266,6 +313,15 @@ def train_transforms(config: TrainingConfig, plan: Plan) -> Compose:
     transforms: list[Any] = [
         TumorIndicesd("label"),
         RandTumorCropd(keys, patch, context_size(patch, aug), config.sampling.tumor_fraction),
+    ]
+    if aug.label_intensity is not None:
+        classes = [KNOWN_CLASSES.index(name) for name in aug.label_intensity_classes]
+        transforms.append(
+            RandLabelIntensityd(
+                "image", "label", classes, aug.label_intensity, aug.label_intensity_probability
+            )
+        )
+    transforms += [
         RandRotateScaled(
             keys,
             patch,
