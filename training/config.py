@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from pantherseg.inference.plan import KNOWN_CLASSES
+
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
 
@@ -242,7 +244,7 @@ def _check_label_intensity(aug: AugmentationConfig) -> None:
                 "augmentation.label_intensity must be null or [low, high] with "
                 f"0 < low <= high, not {factors}"
             )
-    unknown = [c for c in aug.label_intensity_classes if c not in ("tumor", "pancreas")]
+    unknown = [c for c in aug.label_intensity_classes if c not in KNOWN_CLASSES[1:]]
     if unknown or not aug.label_intensity_classes:
         raise ConfigError(
             "augmentation.label_intensity_classes must name tumor and/or pancreas, not "

@@ -42,6 +42,7 @@ from pantherseg.inference.files import atomic_output, atomic_write_text
 from pantherseg.inference.localise import grown_box
 from pantherseg.inference.pipeline import class_probabilities
 from pantherseg.inference.plan import Plan
+from pantherseg.inference.preprocess import Box
 from pantherseg.inference.sliding_window import Predictor, sliding_window_predict
 from pantherseg.scoring import metrics
 from training.cache import CachedCase, load_cached
@@ -92,16 +93,18 @@ class PatchDataset(Dataset):
             raise ValueError("no training cases")
         self.cases = list(cases)
         self.region = region
-        self.boxes = (
-            {c.case_id: foreground_box(load_cached(c)[1][0]) for c in cases} if region else {}
-        )
+        self.boxes: dict[str, Box | None] = {}
         # the z-score of raw zero, for label-intensity augmentation: the case's minimum, which a
         # region box inside the body does not reach
-        self.floors = (
-            {c.case_id: float(load_cached(c)[0].min()) for c in cases}
-            if config.augmentation.label_intensity is not None
-            else {}
-        )
+        self.floors: dict[str, float] = {}
+        intensity = config.augmentation.label_intensity is not None
+        if region or intensity:
+            for case in cases:  # one read of each case for both
+                image, label = load_cached(case)
+                if region:
+                    self.boxes[case.case_id] = foreground_box(label[0])
+                if intensity:
+                    self.floors[case.case_id] = float(image.min())
         self.spacing = plan.preprocessing.target_spacing_zyx
         self.transforms = train_transforms(config, plan)
         self.length = config.optim.iterations_per_epoch * config.sampling.batch_size

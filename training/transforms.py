@@ -197,8 +197,10 @@ class RandLabelIntensityd(Randomizable, MapTransform):
         d = dict(data)
         floor = d.pop(FLOOR_KEY, None)
         self.randomize()
+        if self._factor is None:
+            return d
         region = np.isin(np.asarray(d[self.label_key])[0], self.classes)
-        if self._factor is None or not region.any():
+        if not region.any():
             return d
         image = np.asarray(d[self.image_key], dtype=np.float32)
         floor = float(image.min()) if floor is None else float(floor)
