@@ -10,14 +10,20 @@
 #   TASK=task2 examples/train_demo_cpu.sh           # the Task 2 (T2 MR-Linac) demo model
 #
 # Environment (defaults): TASK (task1), WORK (out/demo-cpu for task1, out/demo-cpu-task2 for
-# task2), MODEL (\$WORK/model), PYTHON
-# (.venv/bin/python), CONFIG (examples/demo_cpu.yaml), DEVICE (cpu), JOBS (all CPUs),
+# task2), CONFIG (examples/demo_cpu.yaml for task1, examples/demo_cpu_task2.yaml for task2),
+# MODEL (\$WORK/model), PYTHON (.venv/bin/python), DEVICE (cpu), JOBS (all CPUs),
 # TRAIN_CASES (60), HELDOUT_CASES (40), SIZE (full; small makes tiny phantoms to try it out).
 set -euo pipefail
 TASK=${TASK:-task1}
 case "$TASK" in
-    task1) WORK=${WORK:-out/demo-cpu} ;;
-    task2) WORK=${WORK:-out/demo-cpu-task2} ;;
+    task1)
+        WORK=${WORK:-out/demo-cpu}
+        CONFIG=${CONFIG:-examples/demo_cpu.yaml}
+        ;;
+    task2)
+        WORK=${WORK:-out/demo-cpu-task2}
+        CONFIG=${CONFIG:-examples/demo_cpu_task2.yaml}
+        ;;
     *)
         echo "train_demo_cpu.sh: TASK must be task1 or task2, not '$TASK'" >&2
         exit 2
@@ -25,7 +31,6 @@ case "$TASK" in
 esac
 MODEL=${MODEL:-$WORK/model}
 PY=${PYTHON:-.venv/bin/python}
-CONFIG=${CONFIG:-examples/demo_cpu.yaml}
 DEVICE=${DEVICE:-cpu}
 JOBS=${JOBS:-$(nproc)}
 STEPS=${STEPS:-data cv export heldout}

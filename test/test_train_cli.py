@@ -3,8 +3,10 @@ pseudo-labels and fine-tuning, and exit status 2 with a clear message for what a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,6 +209,47 @@ def test_label_intensity_settings_are_checked(tmp_path):
     for index, (values, message) in enumerate(bad):
         with pytest.raises(ConfigError, match=message):
             load_config(write_config(tmp_path / f"b{index}.yaml", augmentation=values))
+
+
+def test_a_config_builds_on_its_base(tmp_path):
+    from training.config import ConfigError, load_config
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.5, epochs: 7}\nsampling: {batch_size: 3}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../base.yaml\noptim: {lr: 0.25}\n")
+    (tmp_path / "top.yaml").write_text("base: sub/mid.yaml\nsampling: {batch_size: 4}\n")
+    config = load_config(tmp_path / "top.yaml")
+    # Each file overrides what it names and keeps the rest of the chain below it.
+    assert (config.optim.lr, config.optim.epochs, config.sampling.batch_size) == (0.25, 7, 4)
+    (tmp_path / "top2.yaml").write_text("base: loop.yaml\n")
+    bad = {
+        "loop.yaml": ("base: top2.yaml\n", "comes back to this file"),
+        "lost.yaml": ("base: missing.yaml\n", r"lost\.yaml: 'base' names .*missing\.yaml, not a"),
+        "odd.yaml": ("base: [a.yaml]\n", "'base' must be a file name"),
+        "typo.yaml": (
+            "base: base.yaml\noptim: {lr_typo: 1}\n",
+            r"typo\.yaml: unknown key 'optim\.",
+        ),
+    }
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / name)
+
+
+def test_task2_demo_config_changes_only_the_label_intensity():
+    from training.config import load_config
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    task1 = dataclasses.asdict(load_config(examples / "demo_cpu.yaml"))
+    task2 = dataclasses.asdict(load_config(examples / "demo_cpu_task2.yaml"))
+    changed = {
+        k for k in task1["augmentation"] if task1["augmentation"][k] != task2["augmentation"][k]
+    }
+    assert changed == {"label_intensity", "label_intensity_classes"}
+    assert task2["augmentation"]["label_intensity_classes"] == ["tumor"]
+    task1.pop("augmentation"), task2.pop("augmentation")
+    assert task1 == task2
 
 
 def test_only_training_runs_under_torchrun(tmp_path, capsys, monkeypatch):

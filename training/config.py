@@ -1,7 +1,8 @@
 """Every training hyper-parameter, in one YAML file.
 
 `default.yaml` beside this module documents each value; a user's file overrides any subset, and an
-unknown key is an error (a typo must not silently fall back to a default).
+unknown key is an error (a typo must not silently fall back to a default). A file may build on
+another (`base: other.yaml`, relative to it), so that a variant recipe states only what it changes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 from pantherseg.inference.plan import KNOWN_CLASSES
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+BASE_KEY = "base"
 
 
 class ConfigError(ValueError):
@@ -205,14 +207,39 @@ def _checked(value: Any, annotation: str, where: str, name: str) -> Any:
     return float(value) if kind == "float" else value
 
 
+def _read_yaml(source: Path) -> Any:
+    try:
+        return yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{source}: cannot be read as YAML ({error})") from None
+
+
+def _layers(path: Path) -> list[tuple[Path, Any]]:
+    """`path` and the files it builds on through `base:`, the most basic first."""
+    layers: list[tuple[Path, Any]] = []
+    source = Path(path)
+    while True:
+        if source.resolve() in [seen.resolve() for seen, _ in layers]:
+            raise ConfigError(f"{source}: the chain of '{BASE_KEY}' files comes back to this file")
+        values = _read_yaml(source)
+        base = values.pop(BASE_KEY, None) if isinstance(values, dict) else None
+        layers.append((source, values))
+        if base is None:
+            return layers[::-1]
+        if not isinstance(base, str):
+            raise ConfigError(f"{source}: '{BASE_KEY}' must be a file name, got {base!r}")
+        if not (source.parent / base).is_file():
+            raise ConfigError(f"{source}: '{BASE_KEY}' names {source.parent / base}, not a file")
+        source = source.parent / base
+
+
 def load_config(path: Path | None = None) -> TrainingConfig:
-    """The defaults, overridden by `path` when given."""
+    """The defaults, overridden by `path` (and the files it builds on) when given."""
     config = TrainingConfig()
-    for source in [DEFAULT_CONFIG, path] if path else [DEFAULT_CONFIG]:
-        try:
-            values = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"{source}: cannot be read as YAML ({error})") from None
+    layers = [(DEFAULT_CONFIG, _read_yaml(DEFAULT_CONFIG))]
+    if path is not None:
+        layers += _layers(path)
+    for source, values in layers:
         _merge(config, values, str(source))
     limit = config.optim.time_limit_minutes
     if limit is not None and limit <= 0:
