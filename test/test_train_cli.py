@@ -193,6 +193,18 @@ def test_config_values_are_checked_by_type(tmp_path):
         load_config(write_config(tmp_path / "d.yaml", cv={"thresholds": 0.5}))
 
 
+def test_cpu_bfloat16_takes_true_false_or_auto(tmp_path):
+    from training.config import ConfigError, load_config
+
+    for value in (True, False, "auto"):
+        path = write_config(tmp_path / f"{value}.yaml", optim={"cpu_bfloat16": value})
+        assert load_config(path).optim.cpu_bfloat16 == value
+    with pytest.raises(ConfigError, match=r"cpu_bfloat16 must be true, false or 'auto', not 'on'"):
+        load_config(write_config(tmp_path / "on.yaml", optim={"cpu_bfloat16": "on"}))
+    with pytest.raises(ConfigError, match=r"'optim\.cpu_bfloat16' must be true or false or a str"):
+        load_config(write_config(tmp_path / "one.yaml", optim={"cpu_bfloat16": 1}))
+
+
 def test_label_intensity_settings_are_checked(tmp_path):
     from training.config import ConfigError, load_config
 

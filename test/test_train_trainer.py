@@ -128,7 +128,10 @@ def test_one_epoch_then_resume_to_two_equals_two_straight(tiny, tmp_path):
 
 def test_channels_last_trains_the_same_network(tiny, tmp_path, monkeypatch):
     """optim.channels_last changes where the numbers sit in memory, not what is learnt: the
-    network trains in NDHWC and its weights match the standard layout's to float32 rounding."""
+    network trains in NDHWC and its weights match the standard layout's to float32 rounding.
+    With SGD: Adam takes a step of the learning rate's size even for a gradient of rounding
+    size (whose sign the layout's kernels may flip), which made this differ by 1.7e-4 on an
+    AVX2 CPU."""
     built = []
     real_build = trainer_module.build_network
 
@@ -138,8 +141,12 @@ def test_channels_last_trains_the_same_network(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_module, "build_network", remembered)
     train, val = tiny.split()
-    for name, channels_last in (("a", False), ("b", True)):
-        config = tiny_config(optim={"channels_last": channels_last})
+    # "c": the standard layout at half the learning rate, to show that training moved the
+    # weights far beyond the tolerance the two layouts are held to.
+    runs = (("a", False, 0.02), ("b", True, 0.02), ("c", False, 0.01))
+    for name, channels_last, lr in runs:
+        optim = {"channels_last": channels_last, "optimizer": "sgd", "lr": lr}
+        config = tiny_config(optim=optim)
         train_fold(config, tiny.plan, train, val, tmp_path / name, device="cpu", progress=False)
 
     def kernels(network):  # those whose layouts differ: several input channels and voxels
@@ -147,17 +154,21 @@ def test_channels_last_trains_the_same_network(tiny, tmp_path, monkeypatch):
             p for p in network.parameters() if p.dim() == 5 and min(p.shape[1], p[0, 0].numel()) > 1
         ]
 
-    standard_kernels, channels_last_kernels = (kernels(network) for network in built)
+    standard_kernels, channels_last_kernels = (kernels(network) for network in built[:2])
     assert standard_kernels and all(p.is_contiguous() for p in standard_kernels)
     assert len(channels_last_kernels) == len(standard_kernels)
     assert all(
         p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
         for p in channels_last_kernels
     )
-    standard, channels_last = (weights(tmp_path / d / LAST_CHECKPOINT) for d in ("a", "b"))
+    standard, channels_last, slower = (
+        weights(tmp_path / d / LAST_CHECKPOINT) for d in ("a", "b", "c")
+    )
     assert standard.keys() == channels_last.keys()
     for name in standard:
         torch.testing.assert_close(channels_last[name], standard[name], rtol=1e-3, atol=1e-4)
+    moved = max((standard[n] - slower[n]).abs().max().item() for n in standard)
+    assert moved > 10 * 1e-4  # 3.5e-3 measured: the comparison above would see a real change
 
 
 def test_a_fresh_run_replaces_an_earlier_runs_files(tiny, tmp_path):
@@ -453,6 +464,18 @@ def test_autocast_precision_per_device():
     assert trainer_module.autocast_dtype(cpu, amp=False, cpu_bfloat16=True) == torch.bfloat16
     assert trainer_module.autocast_dtype(cuda, amp=True, cpu_bfloat16=True) == torch.float16
     assert trainer_module.autocast_dtype(cuda, amp=False, cpu_bfloat16=True) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_cpu_bfloat16_follows_the_hardware(native, monkeypatch):
+    """'auto' trains in bfloat16 only where the CPU computes it natively (emulated bfloat16 took
+    45 times a float32 step); true forces it anyway, and a GPU is not affected."""
+    monkeypatch.setattr(trainer_module, "native_cpu_bfloat16", lambda: native)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    expected = torch.bfloat16 if native else None
+    assert trainer_module.autocast_dtype(cpu, amp=False, cpu_bfloat16="auto") == expected
+    assert trainer_module.autocast_dtype(cpu, amp=False, cpu_bfloat16=True) == torch.bfloat16
+    assert trainer_module.autocast_dtype(cuda, amp=True, cpu_bfloat16="auto") == torch.float16
 
 
 def test_a_process_that_ran_openvino_starts_loader_workers_afresh(tiny, tmp_path):

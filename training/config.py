@@ -102,7 +102,7 @@ class OptimConfig:
     time_limit_minutes: float | None = None
     grad_clip: float = 12.0
     amp: bool = True
-    cpu_bfloat16: bool = False
+    cpu_bfloat16: bool | str = False  # or "auto": bfloat16 where the CPU runs it natively
     cudnn_benchmark: bool = True
     channels_last: bool = False
 
@@ -178,7 +178,8 @@ def _merge(instance: Any, values: dict[str, Any], where: str, prefix: str = "") 
 
 
 def _checked(value: Any, annotation: str, where: str, name: str) -> Any:
-    """`value` as the field's declared type (bool, int, float, str or list, optionally None).
+    """`value` as one of the field's declared types (bool, int, float, str or list, optionally
+    None; a union such as `bool | str` takes either).
 
     YAML 1.1, which PyYAML reads, takes `1e-4` (no dot) for a string: such a string is read as
     the float it means rather than failing deep inside PyTorch."""
@@ -187,24 +188,26 @@ def _checked(value: Any, annotation: str, where: str, name: str) -> Any:
         if "None" in kinds:
             return None
         raise ConfigError(f"{where}: '{name}' must not be empty (null)")
-    kind = kinds[0]
-    if kind == "float" and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    expected = {
-        "bool": (bool,),
-        "int": (int,),
-        "float": (int, float),
-        "str": (str,),
-    }.get(kind, (list,) if kind.startswith("list") else (object,))
-    wrong_bool = isinstance(value, bool) and bool not in expected
-    if wrong_bool or not isinstance(value, expected):
-        what = {"bool": "true or false", "int": "a whole number", "float": "a number"}
-        described = what.get(kind, "a list" if kind.startswith("list") else f"a {kind}")
-        raise ConfigError(f"{where}: '{name}' must be {described}, got {value!r}")
-    return float(value) if kind == "float" else value
+    kinds = [k for k in kinds if k != "None"]
+    for kind in kinds:
+        if kind == "float" and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        expected = {
+            "bool": (bool,),
+            "int": (int,),
+            "float": (int, float),
+            "str": (str,),
+        }.get(kind, (list,) if kind.startswith("list") else (object,))
+        if isinstance(value, expected) and (bool in expected or not isinstance(value, bool)):
+            return float(value) if kind == "float" else value
+    what = {"bool": "true or false", "int": "a whole number", "float": "a number"}
+    described = " or ".join(
+        what.get(kind, "a list" if kind.startswith("list") else f"a {kind}") for kind in kinds
+    )
+    raise ConfigError(f"{where}: '{name}' must be {described}, got {value!r}")
 
 
 def _read_yaml(source: Path) -> Any:
@@ -251,6 +254,10 @@ def load_config(path: Path | None = None) -> TrainingConfig:
     if config.validation.target not in ("tumor", "foreground"):
         raise ConfigError(
             f"validation.target must be 'tumor' or 'foreground', not {config.validation.target!r}"
+        )
+    if isinstance(config.optim.cpu_bfloat16, str) and config.optim.cpu_bfloat16 != "auto":
+        raise ConfigError(
+            f"optim.cpu_bfloat16 must be true, false or 'auto', not {config.optim.cpu_bfloat16!r}"
         )
     _check_label_intensity(config.augmentation)
     cascade = config.cascade
