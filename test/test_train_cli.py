@@ -268,3 +268,73 @@ def test_only_training_runs_under_torchrun(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert run("export", "--work", tmp_path, "--out", tmp_path / "model") == 2
     assert "only train and cv run under torchrun" in capsys.readouterr().err
+
+
+def test_folds_side_by_side_train_the_same_networks(tiny, tmp_path, capsys, monkeypatch):
+    """cv.parallel_folds 2: both folds train at once in processes of their own and come out as
+    they do one after the other (one thread each here, as in this test's own process)."""
+    import training.__main__ as workflow
+
+    monkeypatch.setattr(workflow, "threads_per_fold", lambda parallel: 1)
+    side = write_config(tmp_path / "side.yaml", cv={"parallel_folds": 2})
+    works = {}
+    for name, config in (("in turn", tiny.config_path), ("side by side", side)):
+        work = works[name] = tmp_path / name.replace(" ", "_")
+        assert run("plan", "--data", tiny.root, "--work", work, "--config", config) == 0
+        assert run("preprocess", "--work", work) == 0
+        assert run("cv", "--work", work, "--device", "cpu") == 0
+    assert "folds 0, 1: 2 side by side, 1 CPU thread(s) each" in capsys.readouterr().out
+    one, two = works["in turn"], works["side by side"]
+    for fold in (0, 1):
+        histories = [json.loads((w / f"fold_{fold}/history.json").read_text()) for w in (one, two)]
+        for epoch in (*histories[0], *histories[1]):
+            epoch.pop("seconds")
+        assert histories[0] == histories[1]
+        a, b = (torch.load(w / f"fold_{fold}" / "best.pt")["network"] for w in (one, two))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cv = [json.loads((w / "cross_validation.json").read_text()) for w in (one, two)]
+    assert cv[0]["aggregates"] == cv[1]["aggregates"]
+
+
+def test_folds_side_by_side_are_refused_under_torchrun(tiny, tmp_path, capsys, monkeypatch):
+    import argparse
+
+    import training.__main__ as workflow
+
+    side = write_config(tmp_path / "side.yaml", cv={"parallel_folds": 2})
+    work = tmp_path / "work"
+    assert run("plan", "--data", tiny.root, "--work", work, "--config", side) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = argparse.Namespace(work=work, device="cpu", resume=False, init=None)
+    with pytest.raises(workflow.WorkflowError, match="under torchrun every process trains"):
+        workflow.cmd_cv(args)
+
+
+def test_parallel_folds_must_be_at_least_one(tmp_path):
+    from training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"cv\.parallel_folds must be at least 1, not 0"):
+        load_config(write_config(tmp_path / "zero.yaml", cv={"parallel_folds": 0}))
+
+
+def test_folds_side_by_side_run_from_the_command_line(tiny, tmp_path):
+    """`python -m training cv` itself: its worker processes find the fold function by name
+    (a function of a module run with -m cannot be pickled by reference)."""
+    import subprocess
+    import sys
+
+    side = write_config(tmp_path / "side.yaml", cv={"parallel_folds": 2})
+    work = tmp_path / "work"
+    assert run("plan", "--data", tiny.root, "--work", work, "--config", side) == 0
+    assert run("preprocess", "--work", work) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "training", "cv", "--work", str(work), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "folds 0, 1: 2 side by side" in done.stdout
+    assert "out-of-fold Dice" in done.stdout
+    for fold in (0, 1):
+        assert (work / f"fold_{fold}" / "result.json").is_file()

@@ -18,6 +18,7 @@ in the localiser's boxes; `export` ships both stages.
 
 Several GPUs: `torchrun --nproc_per_node 4 -m training train --work work/ --fold 0` (or `cv`);
 every process trains, rank 0 validates and writes, and `cv` predicts out-of-fold on rank 0 only.
+Several folds at once on one machine: `cv.parallel_folds` (`training.side_by_side`).
 
 Beyond the baseline (flags; see also training/default.yaml):
 
@@ -64,6 +65,12 @@ from training.records import (
     localiser_work,
 )
 from training.regions import RegionSampling
+from training.side_by_side import (
+    LOG_FORMAT,
+    FoldProcessError,
+    threads_per_fold,
+    train_side_by_side,
+)
 
 log = logging.getLogger("pantherseg.training")
 
@@ -338,6 +345,7 @@ def _train_one(
     resume: bool,
     init: Path | None = None,
     region=None,
+    progress: bool = True,
 ) -> dict:
     from training.trainer import train_fold
 
@@ -358,6 +366,7 @@ def _train_one(
         resume=resume,
         init=init,
         region=region,
+        progress=progress,
     )
     summary = {**dataclasses.asdict(result), "checkpoint": str(result.checkpoint)}
     if _is_main_process():
@@ -367,6 +376,72 @@ def _train_one(
             f"{result.best_epoch} of {result.epochs_run}"
         )
     return summary
+
+
+def _fold_process(
+    fold: int,
+    work: Path,
+    config: TrainingConfig,
+    plan: Plan,
+    device: str,
+    resume: bool,
+    init: Path | None,
+    region,
+) -> None:
+    """One fold in a process of its own (`cv.parallel_folds`): epoch log lines instead of a
+    progress bar (several bars would overwrite each other), and a user error as a message and
+    exit status 2, as in the main process."""
+    try:
+        _train_one(work, fold, config, plan, device, resume, init, region, progress=False)
+    except _expected_errors() as error:
+        print(f"python -m training cv: error: fold {fold}: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _train_folds(
+    work: Path,
+    splits: list[dict[str, list[str]]],
+    config: TrainingConfig,
+    plan: Plan,
+    args: argparse.Namespace,
+    parallel: int,
+    name: str = "fold",
+    init: Path | None = None,
+    region=None,
+) -> bool:
+    """Trains the folds of `splits` (with --resume, those not trained yet), `parallel` at a time
+    side by side; True if any was. Out-of-fold predictions of a fold's cases are deleted before
+    it trains: they belong to its earlier model."""
+    pending = []
+    for fold in range(len(splits)):
+        if (work / f"fold_{fold}" / FOLD_RESULT).is_file() and args.resume:
+            print(f"{name} {fold}: already trained")
+        else:
+            pending.append(fold)
+    if _is_main_process():
+        for fold in pending:
+            _forget_out_of_fold(args.work, splits[fold]["val"])
+    parallel = min(parallel, len(pending))
+    if parallel <= 1:
+        for fold in pending:
+            _train_one(work, fold, config, plan, args.device, args.resume, init, region)
+        return bool(pending)
+    threads = threads_per_fold(parallel)
+    print(
+        f"{name}s {', '.join(map(str, pending))}: {parallel} side by side, {threads} CPU "
+        f"thread(s) each"
+    )
+    arguments = {
+        "work": work,
+        "config": config,
+        "plan": plan,
+        "device": args.device,
+        "resume": args.resume,
+        "init": init,
+        "region": region,
+    }
+    train_side_by_side("training.__main__:_fold_process", arguments, pending, parallel, threads)
+    return True
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -413,6 +488,11 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     work = args.work
     config, plan = _work_config(work), _work_plan(work)
+    if config.cv.parallel_folds > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise WorkflowError(
+            "cv.parallel_folds trains folds side by side in processes of their own; under "
+            "torchrun every process trains the same fold: set it to 1"
+        )
     cached = _cached_by_id(work)
     splits = _splits(work, config, cached)
     resolve_device(args.device)  # a missing GPU is reported before any fold is trained
@@ -423,13 +503,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
         plan, cascade = _cv_localiser(args, config, plan, splits, cases)
         region = RegionSampling(cascade.margin_mm, cascade.jitter_mm)
         regions = boxes_of(cascade)
-    for fold, split in enumerate(splits):
-        if (work / f"fold_{fold}" / FOLD_RESULT).is_file() and args.resume:
-            print(f"fold {fold}: already trained")
-            continue
-        _train_one(work, fold, config, plan, args.device, args.resume, args.init, region)
-        if _is_main_process():
-            _forget_out_of_fold(work, split["val"])
+    parallel = config.cv.parallel_folds
+    _train_folds(work, splits, config, plan, args, parallel, init=args.init, region=region)
     if not _is_main_process():
         return 0  # out-of-fold prediction and selection are rank 0's
     networks = [load_network(path, config, plan) for path in _fold_checkpoints(work, len(splits))]
@@ -495,15 +570,10 @@ def _cv_localiser(
     if _is_main_process() and not (folder / SPLITS_FILE).is_file():
         atomic_write_text(folder / SPLITS_FILE, (work / SPLITS_FILE).read_text(encoding="utf-8"))
     _wait_for_rank_zero()
-    retrained = False
-    for fold, split in enumerate(splits):
-        if (folder / f"fold_{fold}" / FOLD_RESULT).is_file() and args.resume:
-            print(f"localiser fold {fold}: already trained")
-            continue
-        _train_one(folder, fold, local_config, local_plan, args.device, args.resume)
-        retrained = True
-        if _is_main_process():
-            _forget_out_of_fold(work, split["val"])  # their boxes change
+    parallel = config.cv.parallel_folds
+    retrained = _train_folds(  # their cases' out-of-fold predictions go: their boxes change
+        folder, splits, local_config, local_plan, args, parallel, name="localiser fold"
+    )
     cascade = Cascade.load(work)
     if cascade is None or retrained:
         if _is_main_process():
@@ -809,6 +879,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         WorkflowError,
         ConfigError,
         RecordError,
+        FoldProcessError,
         ValueError,
         OSError,
     ]
@@ -847,7 +918,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         return _run(args)
     except Exception as error:

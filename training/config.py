@@ -134,6 +134,7 @@ class CrossValidationConfig:
     thresholds: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6])
     min_component_mm3: list[float] = field(default_factory=lambda: [0.0, 50.0, 200.0, 500.0])
     measure_mirroring: bool = True
+    parallel_folds: int = 1
 
 
 @dataclass
@@ -260,6 +261,8 @@ def load_config(path: Path | None = None) -> TrainingConfig:
             f"optim.cpu_bfloat16 must be true, false or 'auto', not {config.optim.cpu_bfloat16!r}"
         )
     _check_label_intensity(config.augmentation)
+    if config.cv.parallel_folds < 1:
+        raise ConfigError(f"cv.parallel_folds must be at least 1, not {config.cv.parallel_folds}")
     cascade = config.cascade
     if cascade.margin_mm < 0 or (cascade.jitter_mm is not None and cascade.jitter_mm < 0):
         raise ConfigError("cascade.margin_mm and cascade.jitter_mm must be >= 0")
