@@ -93,6 +93,16 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _under_torchrun() -> bool:
+    """True in the processes torchrun starts for more than one device."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _print_error(command: str, error: BaseException | str) -> None:
+    """A user error as one line on stderr (the caller then exits with status 2)."""
+    print(f"python -m training {command}: error: {error}", file=sys.stderr)
+
+
 def _work_config(work: Path) -> TrainingConfig:
     path = work / CONFIG_FILE
     if not path.is_file():
@@ -394,7 +404,7 @@ def _fold_process(
     try:
         _train_one(work, fold, config, plan, device, resume, init, region, progress=False)
     except _expected_errors() as error:
-        print(f"python -m training cv: error: fold {fold}: {error}", file=sys.stderr)
+        _print_error("cv", f"fold {fold}: {error}")
         sys.exit(2)
 
 
@@ -488,7 +498,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     work = args.work
     config, plan = _work_config(work), _work_plan(work)
-    if config.cv.parallel_folds > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if config.cv.parallel_folds > 1 and _under_torchrun():
         raise WorkflowError(
             "cv.parallel_folds trains folds side by side in processes of their own; under "
             "torchrun every process trains the same fold: set it to 1"
@@ -900,7 +910,7 @@ DISTRIBUTED_COMMANDS = ("train", "cv")
 def _run(args: argparse.Namespace) -> int:
     """The command; under torchrun (WORLD_SIZE > 1) inside one process group for the whole
     command, so that the trainer and the steps around it share it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _under_torchrun():
         return args.run(args)
     if args.command not in DISTRIBUTED_COMMANDS:
         raise WorkflowError(
@@ -924,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if not isinstance(error, _expected_errors()):
             raise
-        print(f"python -m training {args.command}: error: {error}", file=sys.stderr)
+        _print_error(args.command, error)
         return 2
 
 
