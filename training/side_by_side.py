@@ -1,11 +1,12 @@
 """Cross-validation folds trained side by side (`cv.parallel_folds`), each in a process of its own
 with an equal share of the CPU cores.
 
-Why: a small network's training step hardly gets faster with a second thread, while two
-single-thread processes together take about 1.5x the steps of one two-thread process (the CPU
-demo network on 2 cores: 0.43 s a step with two threads, 0.57 s each for two processes side by
-side; `python -m bench.training --concurrent 1 2 --threads 1`). Folds are independent, so they
-are the natural unit to run at once.
+Why: on some CPUs a small network's training step hardly gets faster with a second thread, while
+two single-thread processes together take about 1.5x the steps of one two-thread process (the
+CPU demo network on one 2-core machine: 0.43 s a step with two threads, 0.57 s each for two
+processes side by side; on a faster one the second thread counts and the gain was 1.05x;
+`python -m bench.training --concurrent 1 2 --threads 1`). Folds are independent, so they are the
+natural unit to run at once.
 
 Processes are spawned, not forked (the caller may hold torch's threads). Written here rather
 than with `concurrent.futures` or a multiprocessing Pool because a failed fold must stop the
