@@ -114,3 +114,21 @@ def test_the_import_carries_nnunets_inference_settings(models):
     assert plan.postprocessing.decision == "argmax"
     assert plan.inference.classes == ("background", "tumor", "pancreas")
     assert plan.inference.mirror_axes == (0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "patch, sigma_scale",
+    [((48, 192, 224), 1 / 8), ((40, 56, 64), 1 / 8), ((17, 33, 8), 0.3), ((2, 1, 9), 0.05)],
+)
+def test_tile_weights_are_nnunets_bit_for_bit(patch, sigma_scale):
+    """nnU-Net's Gaussian, computed here from separable profiles, equals its predictor's own map
+    (the baseline's patch, the localiser's, and odd ones)."""
+    import torch
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    from pantherseg.inference.sliding_window import nnunet_gaussian
+
+    theirs = compute_gaussian(patch, sigma_scale, 10, torch.float16, torch.device("cpu")).numpy()
+    ours = nnunet_gaussian(patch, sigma_scale)
+    assert ours.dtype == np.float16 and ours.shape == patch
+    np.testing.assert_array_equal(ours.view(np.uint16), theirs.view(np.uint16))

@@ -20,7 +20,7 @@ from imaging import write_image
 from onnx import TensorProto, helper, numpy_helper
 
 import process
-from pantherseg.inference.pipeline import Segmenter, sigmoid
+from pantherseg.inference.pipeline import Segmenter, class_probabilities, is_argmax, sigmoid
 from pantherseg.inference.plan import (
     FoldWeights,
     Inference,
@@ -176,3 +176,35 @@ def test_sigmoid_is_exact_and_silent_for_any_logit():
     expected = 1 / (1 + np.exp(-np.clip(logits.astype(np.float64), -700, 700)))
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-38)  # float32 subnormals
     assert got.dtype == np.float32 and got[0] == 0.0 and got[-1] == 1.0
+
+
+def test_class_probabilities_are_the_softmax_of_the_logits():
+    """Per class and only for the classes asked for; large logits neither overflow nor warn."""
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((3, 4, 5, 6)) * 40).astype(np.float32)
+    logits[:, 0] = 500.0  # all classes tied, far beyond exp's float32 range
+    inference = Inference(
+        patch_size_zyx=(4, 5, 6),
+        folds=[],
+        classes=("background", "pancreas", "tumor"),
+        activation="softmax",
+    )
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        got = class_probabilities(logits, inference, ["tumor", "background"])
+    wide = logits.astype(np.float64)
+    expected = np.exp(wide - wide.max(axis=0)) / np.exp(wide - wide.max(axis=0)).sum(axis=0)
+    assert sorted(got) == ["background", "tumor"]
+    np.testing.assert_allclose(got["tumor"], expected[2], rtol=1e-5, atol=1e-30)
+    np.testing.assert_allclose(got["background"], expected[0], rtol=1e-5, atol=1e-30)
+    np.testing.assert_allclose(got["tumor"][0], 1 / 3, rtol=1e-6)
+    assert all(p.dtype == np.float32 for p in got.values())
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_is_argmax_agrees_with_numpys_argmax_ties_included(index):
+    rng = np.random.default_rng(index)
+    maps = [rng.integers(0, 3, size=(7, 8, 9)).astype(np.float32) for _ in range(3)]  # many ties
+    expected = np.stack(maps).argmax(axis=0) == index
+    got = is_argmax(maps, index)
+    np.testing.assert_array_equal(got, expected)
+    assert got.any() and not got.all()

@@ -423,7 +423,7 @@ def test_members_outputs_are_not_modified() -> None:
 
 @pytest.mark.parametrize("stitching", ["nnunet", "pantherseg"])
 def test_tile_weights_are_computed_once_per_patch(monkeypatch, stitching: str) -> None:
-    """Every fold of every case reuses the weights (nnU-Net's map costs 0.3 s a patch), and the
+    """Every fold of every case reuses the weights (tens of milliseconds a patch), and the
     shared array cannot be changed by a caller."""
     from pantherseg.inference import sliding_window
 

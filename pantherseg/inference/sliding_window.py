@@ -63,11 +63,18 @@ def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> np
     float16, zeros raised to the smallest weight. Its imported models are matched exactly only
     with these (the analytic map above is centred between voxels and never truncated)."""
     patch = _check_patch(patch_size)
-    impulse = np.zeros(patch)
-    impulse[tuple(p // 2 for p in patch)] = 1
-    smoothed = ndimage.gaussian_filter(
-        impulse, [p * sigma_scale for p in patch], 0, mode="constant"
-    )
+    # The filter is separable and the impulse too: filtering a line per axis and multiplying
+    # the profiles in axis order gives gaussian_filter's values bit for bit (each output voxel
+    # has one non-zero term per pass), in 0.03 s instead of 0.3 s at the baseline's patch.
+    profiles = []
+    for axis, p in enumerate(patch):
+        line = np.zeros(p)
+        line[p // 2] = 1
+        shape = [1, 1, 1]
+        shape[axis] = p
+        profile = ndimage.gaussian_filter1d(line, p * sigma_scale, mode="constant")
+        profiles.append(profile.reshape(shape))
+    smoothed = profiles[0] * profiles[1] * profiles[2]
     # Through float32, as torch converts: rounding twice differs from once in a few voxels.
     weights = (smoothed / (smoothed.max() / 10)).astype(np.float32).astype(np.float16)
     zero = weights == 0
@@ -215,8 +222,8 @@ def sliding_window_predict(
 def _tile_weights(
     patch: tuple[int, int, int], sigma_scale: float, stitching: str, acc_dtype: np.dtype
 ) -> np.ndarray:
-    """The float32 tile weights, read-only, computed once per patch and stitching: nnU-Net's
-    filtered map takes 0.3 s at the Task 1 baseline's patch, which every fold of every case
+    """The float32 tile weights, read-only, computed once per patch and stitching: either map
+    takes tens of milliseconds at the Task 1 baseline's patch, which every fold of every case
     would otherwise pay again."""
     if stitching == "nnunet":
         weights = nnunet_gaussian(patch, sigma_scale).astype(np.float32)
