@@ -249,18 +249,27 @@ def test_a_config_builds_on_its_base(tmp_path):
             load_config(tmp_path / name)
 
 
-def test_task2_demo_config_changes_only_the_label_intensity():
+def test_task2_demo_config_changes_only_the_label_intensity_and_the_width():
     from training.config import load_config
 
     examples = Path(__file__).resolve().parents[1] / "examples"
     task1 = dataclasses.asdict(load_config(examples / "demo_cpu.yaml"))
     task2 = dataclasses.asdict(load_config(examples / "demo_cpu_task2.yaml"))
     changed = {
-        k for k in task1["augmentation"] if task1["augmentation"][k] != task2["augmentation"][k]
+        (section, k)
+        for section in ("augmentation", "network")
+        for k in task1[section]
+        if task1[section][k] != task2[section][k]
     }
-    assert changed == {"label_intensity", "label_intensity_classes"}
+    assert changed == {
+        ("augmentation", "label_intensity"),
+        ("augmentation", "label_intensity_classes"),
+        ("network", "base_features"),
+    }
     assert task2["augmentation"]["label_intensity_classes"] == ["tumor"]
-    task1.pop("augmentation"), task2.pop("augmentation")
+    assert (task1["network"]["base_features"], task2["network"]["base_features"]) == (8, 12)
+    for section in ("augmentation", "network"):
+        task1.pop(section), task2.pop(section)
     assert task1 == task2
 
 
