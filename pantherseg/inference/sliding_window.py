@@ -42,19 +42,23 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1 / 
         or sigma_scale <= 0
     ):
         raise ValueError(f"sigma_scale must be a positive finite number, got {sigma_scale!r}")
-    weights = np.ones(patch, dtype=np.float64)
-    for axis, size in enumerate(patch):
+    profiles = []
+    for size in patch:
         # Centre at (size - 1) / 2 so that the map is symmetric for even and odd sizes alike.
         coords = np.arange(size, dtype=np.float64) - (size - 1) / 2
-        profile = np.exp(-0.5 * (coords / (size * sigma_scale)) ** 2)
-        shape = [1, 1, 1]
-        shape[axis] = size
-        weights = weights * profile.reshape(shape)
+        profiles.append(np.exp(-0.5 * (coords / (size * sigma_scale)) ** 2))
+    weights = _separable_map(profiles)
     weights = (weights / weights.max()).astype(np.float32)
     nonzero = weights > 0
     if not nonzero.all():
         weights[~nonzero] = weights[nonzero].min()
     return weights
+
+
+def _separable_map(profiles: Sequence[np.ndarray]) -> np.ndarray:
+    """The 3-D map whose value at (z, y, x) is profile_z[z] * profile_y[y] * profile_x[x],
+    multiplied in that order (both tile weightings are separable Gaussians)."""
+    return functools.reduce(np.multiply.outer, profiles)
 
 
 def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> np.ndarray:
@@ -67,14 +71,11 @@ def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> np
     # the profiles in axis order gives gaussian_filter's values bit for bit (each output voxel
     # has one non-zero term per pass), in 0.03 s instead of 0.3 s at the baseline's patch.
     profiles = []
-    for axis, p in enumerate(patch):
+    for p in patch:
         line = np.zeros(p)
         line[p // 2] = 1
-        shape = [1, 1, 1]
-        shape[axis] = p
-        profile = ndimage.gaussian_filter1d(line, p * sigma_scale, mode="constant")
-        profiles.append(profile.reshape(shape))
-    smoothed = profiles[0] * profiles[1] * profiles[2]
+        profiles.append(ndimage.gaussian_filter1d(line, p * sigma_scale, mode="constant"))
+    smoothed = _separable_map(profiles)
     # Through float32, as torch converts: rounding twice differs from once in a few voxels.
     weights = (smoothed / (smoothed.max() / 10)).astype(np.float32).astype(np.float16)
     zero = weights == 0
