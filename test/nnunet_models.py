@@ -44,9 +44,16 @@ def shrunk_plans(source: Path, configuration: str, patch: list[int], stages: int
 def cpu_predictor(folder: Path, folds: tuple[int, ...], mirroring: bool):
     """nnU-Net's own predictor on `folder`, as its defaults run it (tile step 0.5, Gaussian),
     on the CPU: the reference the import is held to."""
+    predictor = bare_cpu_predictor(mirroring)
+    predictor.initialize_from_trained_model_folder(str(folder), folds, "checkpoint_final.pth")
+    return predictor
+
+
+def bare_cpu_predictor(mirroring: bool):
+    """`nnUNetPredictor` with its default inference settings on the CPU, no model loaded yet."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    predictor = nnUNetPredictor(
+    return nnUNetPredictor(
         tile_step_size=0.5,
         use_gaussian=True,
         use_mirroring=mirroring,
@@ -54,8 +61,6 @@ def cpu_predictor(folder: Path, folds: tuple[int, ...], mirroring: bool):
         device=torch.device("cpu"),
         allow_tqdm=False,
     )
-    predictor.initialize_from_trained_model_folder(str(folder), folds, "checkpoint_final.pth")
-    return predictor
 
 
 def trained_folder(

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from imaging import rotation, write_image
 from nnunet_models import (
     BASELINE_PLANS,
     RESENC_PLANS,
+    bare_cpu_predictor,
     cpu_predictor,
     shrunk_plans,
     trained_folder,
@@ -123,7 +125,6 @@ def test_the_import_carries_nnunets_inference_settings(models):
 def test_tile_weights_are_nnunets_bit_for_bit(patch, sigma_scale):
     """nnU-Net's Gaussian, computed here from separable profiles, equals its predictor's own map
     (the baseline's patch, the localiser's, and odd ones)."""
-    import torch
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
     from pantherseg.inference.sliding_window import nnunet_gaussian
@@ -132,3 +133,50 @@ def test_tile_weights_are_nnunets_bit_for_bit(patch, sigma_scale):
     ours = nnunet_gaussian(patch, sigma_scale)
     assert ours.dtype == np.float16 and ours.shape == patch
     np.testing.assert_array_equal(ours.view(np.uint16), theirs.view(np.uint16))
+
+
+class _NumpyNetwork(torch.nn.Module):
+    """A numpy function as a torch module, so that nnU-Net's predictor and ours stitch the very
+    same tile logits and any difference is the stitching's."""
+
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.function(x.numpy()))
+
+
+def _tile_logits(batch: np.ndarray) -> np.ndarray:
+    """Three classes that depend on the voxel and on its place in the tile (a misplaced tile
+    shows), one of them tiny: where nnU-Net's Gaussian is small too, the float16 sums are
+    subnormal, the case a fast float16 rounding could get wrong."""
+    x = batch[:, 0]
+    z, y, w = np.meshgrid(*(np.linspace(-1, 1, n) for n in x.shape[1:]), indexing="ij")
+    logits = [3 * x + 5 * z, np.sin(2 * x) - 4 * y * w, 1e-4 * (x + w)]
+    return np.stack(logits, axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "shape, patch",
+    [((13, 41, 47), (8, 16, 24)), ((5, 30, 9), (8, 16, 12)), ((20, 20, 20), (20, 20, 20))],
+)
+def test_nnunet_stitching_is_nnunets_bit_for_bit(shape, patch):
+    """`stitching="nnunet"` gives nnU-Net's sliding-window logits exactly: its tile places, its
+    Gaussian, its float16 sums and quotient (odd sizes, padding, a single tile)."""
+    from types import SimpleNamespace
+
+    from pantherseg.inference.sliding_window import sliding_window_predict
+
+    predictor = bare_cpu_predictor(mirroring=False)
+    predictor.network = _NumpyNetwork(_tile_logits)
+    predictor.configuration_manager = SimpleNamespace(patch_size=list(patch))
+    predictor.label_manager = SimpleNamespace(num_segmentation_heads=3)
+    predictor.allowed_mirroring_axes = None
+    volume = np.random.default_rng(sum(shape)).normal(size=(1, *shape)).astype(np.float32)
+
+    theirs = predictor.predict_sliding_window_return_logits(torch.from_numpy(volume))
+    ours = sliding_window_predict(volume, _tile_logits, patch, stitching="nnunet")
+    assert theirs.dtype == torch.float16 and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, theirs.float().numpy())
+    assert (np.abs(ours[2]) < 2**-14).any(), "some sums must be float16 subnormals"

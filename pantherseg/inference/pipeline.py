@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pantherseg.inference.half_precision import round_to_float16
 from pantherseg.inference.io import check_inference_image, read_image, write_mask
 from pantherseg.inference.localise import Localisation, grown_box, locate_foreground
 from pantherseg.inference.plan import (
@@ -194,9 +195,9 @@ class NetworkStage:
 
     def _stitched_logits(self, volume: np.ndarray, progress: bool) -> np.ndarray:
         """With nnU-Net's stitching every fold is stitched on its own and the results are
-        averaged in float16, as its predictor does."""
+        summed and divided in float16, as its predictor does."""
         inference = self.inference
-        total = None
+        total: np.ndarray | None = None
         for predictor in self.predictors:
             logits = sliding_window_predict(
                 volume,
@@ -210,10 +211,14 @@ class NetworkStage:
             )
             if len(self.predictors) == 1:
                 return logits
-            half = logits.astype(np.float16)
-            total = half if total is None else total + half
+            if total is None:
+                total = logits  # already float16 values: the stitching rounded them
+            else:
+                total += logits
+                round_to_float16(total, out=total)
         assert total is not None
-        return (total / np.float16(len(self.predictors))).astype(np.float32)
+        total /= np.float32(len(self.predictors))
+        return round_to_float16(total, out=total)
 
 
 class Segmenter:
@@ -343,7 +348,7 @@ class Segmenter:
             back = np.stack([resample_back(channel, record, resampling) for channel in logits])
             del logits
             probabilities = class_probabilities(
-                back.astype(np.float16).astype(np.float32), plan.inference, wanted
+                round_to_float16(back, out=back), plan.inference, wanted
             )
             restored = {name: uncrop(p, record) for name, p in probabilities.items()}
         else:
