@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pantherseg.inference.half_precision import FLOAT16_MAX, round_to_float16
+from pantherseg.inference.half_precision import FLOAT16_MAX, add_in_float16, round_to_float16
 
 
 def numpys(values: np.ndarray) -> np.ndarray:
@@ -61,6 +61,27 @@ def test_in_place_on_a_strided_view_across_blocks(shape: tuple[int, ...]) -> Non
     assert_same_values(whole[..., -2:], before[..., -2:])
 
 
+@pytest.mark.parametrize("shape", [(3, 40, 70, 90), (1000,)])
+def test_adding_is_numpys_float16_in_place_addition(shape: tuple[int, ...]) -> None:
+    """`add_in_float16(total, x)` is `total16 += x` on a float16 array (the sum in float32,
+    rounded), over a strided view and across blocks, subnormal sums and overflow included."""
+    rng = np.random.default_rng(sum(shape))
+    scale = np.exp(rng.uniform(-20, 11, shape)).astype(np.float32)  # 2e-9 to 6e4
+    start = (rng.standard_normal(shape) * scale).astype(np.float16)
+    addend = (rng.standard_normal(shape) * scale).astype(np.float32)
+    expected = start.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflow to inf is expected
+        expected += addend
+    whole = np.zeros((*shape[:-1], shape[-1] + 2), np.float32)
+    total = whole[..., 1:-1]
+    total[...] = start
+    assert add_in_float16(total, addend) is total
+    assert_same_values(total, expected.astype(np.float32))
+    assert not whole[..., 0].any() and not whole[..., -1].any()
+    assert np.isinf(total).any() and (np.abs(total[total != 0]) < 2**-14).any()
+
+
 def test_overflow_becomes_infinity_with_its_sign() -> None:
     values = np.array([FLOAT16_MAX, 65519.0, 65520.0, -70000.0, 1.0], dtype=np.float32)
     np.testing.assert_array_equal(
@@ -73,3 +94,7 @@ def test_refuses_what_it_cannot_round_exactly() -> None:
         round_to_float16(np.ones(3))  # float64: rounding via float32 would round twice
     with pytest.raises(ValueError, match="out must be float32"):
         round_to_float16(np.ones(3, np.float32), out=np.empty(4, np.float32))
+    with pytest.raises(TypeError, match="addend must be float32"):
+        add_in_float16(np.ones(3, np.float32), np.ones(3))
+    with pytest.raises(ValueError, match="addend has shape"):
+        add_in_float16(np.ones(3, np.float32), np.ones(4, np.float32))

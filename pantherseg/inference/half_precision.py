@@ -26,6 +26,7 @@ _CAP_BITS = np.int32(0x47800000)
 # Added to the bits of a power of two 2**e, gives those of 1.5 * 2**(e + 13), whose float32 step
 # is 2**(e - 10): float16's step between 2**e and 2**(e + 1).
 _SHIFT_BITS = np.int32((13 << 23) | (1 << 22))
+_BLOCK = 1 << 18  # values per block: 1 MiB of float32
 
 
 def round_to_float16(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -33,20 +34,49 @@ def round_to_float16(values: np.ndarray, out: np.ndarray | None = None) -> np.nd
     even, overflow to infinity; a negative number that rounds to zero gives +0.0, not -0.0),
     without the CPU's penalty on float16 subnormals. `values` must be float32; `out` may be
     `values` itself (rounded in place) or any float32 array of its shape."""
-    values = np.asarray(values)
-    if values.dtype != np.float32:
-        raise TypeError(f"round_to_float16 takes float32 values, got {values.dtype}")
+    values = _float32(values, "values")
     if out is None:
         out = np.empty_like(values)
     elif out.shape != values.shape or out.dtype != np.float32:
         raise ValueError(
             f"out must be float32 of shape {values.shape}, got {out.dtype} {out.shape}"
         )
-    # Block by block, each small enough to stay in the CPU's cache with its scratch: a full-size
-    # scratch array costs more in page faults than the arithmetic.
+    return _blockwise(values, out, None)
+
+
+def add_in_float16(total: np.ndarray, addend: np.ndarray) -> np.ndarray:
+    """`total += addend` in place, the sum rounded to float16 as float16 arithmetic rounds it
+    (numpy's and torch's: computed in float32, then rounded): nnU-Net's sums of tiles, weights
+    and folds. Both float32 and of one shape; `total` holds float16 values and keeps them."""
+    total, addend = _float32(total, "total"), _float32(addend, "addend")
+    if addend.shape != total.shape:
+        raise ValueError(f"addend has shape {addend.shape}, total {total.shape}")
+    return _blockwise(total, total, addend)
+
+
+def _float32(values: np.ndarray, name: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype != np.float32:
+        raise TypeError(
+            f"{name} must be float32 (rounding through another type rounds twice), "
+            f"got {values.dtype}"
+        )
+    return values
+
+
+def _blockwise(values: np.ndarray, out: np.ndarray, addend: np.ndarray | None) -> np.ndarray:
+    """`out` = float16 rounding of `values` (+ `addend`), block by block, each block small
+    enough to stay in the CPU's cache with its scratch: full-size passes and a full-size scratch
+    array cost more in memory traffic and page faults than the arithmetic."""
     scratch = np.empty(min(values.size, _BLOCK), dtype=np.int32)
+    addends = _blocks(addend) if addend is not None else (None for _ in _blocks(values))
     with np.errstate(invalid="ignore"):  # a signalling NaN stays NaN, as in the conversion
-        for block, block_out in zip(_blocks(values), _blocks(out), strict=True):
+        for block, block_out, block_addend in zip(
+            _blocks(values), _blocks(out), addends, strict=True
+        ):
+            if block_addend is not None:
+                np.add(block, block_addend, out=block_out)
+                block = block_out
             _round_block(block, block_out, scratch[: block.size].reshape(block.shape))
     # Overflow is rare: two reductions find it; fmax and fmin skip NaN, which stays NaN anyway.
     if out.size and max(np.fmax.reduce(out, axis=None), -np.fmin.reduce(out, axis=None)) > (
@@ -55,9 +85,6 @@ def round_to_float16(values: np.ndarray, out: np.ndarray | None = None) -> np.nd
         beyond = np.abs(out) > FLOAT16_MAX
         out[beyond] = np.copysign(np.inf, out[beyond])
     return out
-
-
-_BLOCK = 1 << 18  # values per block: 1 MiB of float32
 
 
 def _round_block(values: np.ndarray, out: np.ndarray, shift: np.ndarray) -> None:

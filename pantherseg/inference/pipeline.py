@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pantherseg.inference.half_precision import round_to_float16
+from pantherseg.inference.half_precision import add_in_float16, round_to_float16
 from pantherseg.inference.io import check_inference_image, read_image, write_mask
 from pantherseg.inference.localise import Localisation, grown_box, locate_foreground
 from pantherseg.inference.plan import (
@@ -214,8 +214,7 @@ class NetworkStage:
             if total is None:
                 total = logits  # already float16 values: the stitching rounded them
             else:
-                total += logits
-                round_to_float16(total, out=total)
+                add_in_float16(total, logits)
         assert total is not None
         total /= np.float32(len(self.predictors))
         return round_to_float16(total, out=total)
