@@ -14,7 +14,10 @@ than nnU-Net does, at equal masks. This measures both on one median-size PANTHER
 The model is the organisers' real baseline plan (3d_fullres, PlainConvUNet, patch 48 x 192 x 224)
 at full size, fold 0, with nnU-Net's random initialisation (timing does not depend on weights).
 Each side runs once, in a fresh child process; the wall time runs from spawning the interpreter
-to its exit after the mask is written, and the peak is the child's own VmHWM.
+to its exit after the mask is written, and the peak is the child's own VmHWM. The network stage is
+also given per tile and as a rate (the network's convolution FLOPs per second), to compare with
+what the CPU can do at float32: where one side runs near that ceiling, no engine setting makes
+it much faster, and the ratio is set by the other side.
 
     python -m bench.nnunet                      # median case, threads = usable cores
     python -m bench.nnunet --shape 40 96 112    # quick check
@@ -81,10 +84,15 @@ def write_case(path: Path, shape: tuple[int, int, int]) -> None:
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
-def build_trained_folder(root: Path) -> tuple[str, int]:
+def build_trained_folder(root: Path) -> tuple[str, int, float]:
     """nnU-Net's trained folder for the unshrunk baseline plans (runs in a spawned process, so
-    that torch never inflates this one); returns the folder and the parameter count."""
+    that torch never inflates this one); returns the folder, the parameter count and the
+    network's floating-point operations for one tile (convolutions, counted by PyTorch's
+    FlopCounterMode on the meta device, so nothing is computed)."""
     import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(ROOT / "test"))
     from nnunet_models import BASELINE_PLANS, trained_folder
@@ -98,7 +106,22 @@ def build_trained_folder(root: Path) -> tuple[str, int]:
     # Modules are listed under several names (the decoder holds the encoder): count each once.
     tensors = {v.data_ptr(): v.numel() for v in checkpoint["network_weights"].values()}
     parameters = sum(tensors.values())
-    return str(folder), parameters
+    config = PlansManager(plans).get_configuration(CONFIGURATION)
+    classes = len(checkpoint["init_args"]["dataset_json"]["labels"])
+    with torch.device("meta"):
+        network = get_network_from_plans(
+            config.network_arch_class_name,
+            config.network_arch_init_kwargs,
+            config.network_arch_init_kwargs_req_import,
+            1,
+            classes,
+            allow_init=False,
+            deep_supervision=False,
+        )
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            network(torch.empty((1, 1, *config.patch_size)))
+    return str(folder), parameters, float(counter.get_total_flops())
 
 
 def predict_with_nnunet(folder: Path, images: Path, out: Path, report: Path, threads: int) -> None:
@@ -106,6 +129,7 @@ def predict_with_nnunet(folder: Path, images: Path, out: Path, report: Path, thr
     started = time.perf_counter()
     import nnunetv2.inference.predict_from_raw_data  # noqa: F401 (timed: nnU-Net's import)
     import torch
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
     sys.path.insert(0, str(ROOT / "test"))
     from nnunet_models import cpu_predictor
@@ -117,8 +141,13 @@ def predict_with_nnunet(folder: Path, images: Path, out: Path, report: Path, thr
     initialised = time.perf_counter()
     network = predictor.predict_logits_from_preprocessed_data
     spent = {"network": 0.0}
+    tiles = []
 
     def timed_network(data: Any) -> Any:
+        patch = predictor.configuration_manager.patch_size
+        padded = [max(size, tile) for size, tile in zip(data.shape[1:], patch, strict=True)]
+        steps = compute_steps_for_sliding_window(padded, patch, predictor.tile_step_size)
+        tiles.append(math.prod(len(axis) for axis in steps))
         start = time.perf_counter()
         try:
             return network(data)
@@ -135,7 +164,8 @@ def predict_with_nnunet(folder: Path, images: Path, out: Path, report: Path, thr
         "preprocess+export": done - initialised - spent["network"],
         "network": spent["network"],
     }
-    report.write_text(json.dumps({"stages": stages, "torch_default_threads": torch_default}))
+    summary = {"stages": stages, "tiles": sum(tiles), "torch_default_threads": torch_default}
+    report.write_text(json.dumps(summary))
 
 
 def machine_busy_s() -> float:
@@ -213,7 +243,8 @@ def benchmark(
     print("building nnU-Net's trained folder (unshrunk baseline plans, fold 0)...", flush=True)
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        folder, parameters = pool.submit(build_trained_folder, work / "results").result()
+        built = pool.submit(build_trained_folder, work / "results")
+        folder, parameters, tile_flops = built.result()
     print("importing it: python -m training import-nnunet ... --no-mirroring", flush=True)
     model = work / "model"
     command = ["import-nnunet", folder, "--out", str(model), "--folds", str(FOLD)]
@@ -260,6 +291,8 @@ def benchmark(
         "shape_zyx": list(shape),
         "spacing_zyx": list(SPACING_ZYX),
         "parameters": parameters,
+        "tile_flops": tile_flops,
+        "tiles": theirs.pop("tiles"),  # nnU-Net's count; parity makes it ours as well
         "threads": threads,
         "torch_default_threads": theirs.pop("torch_default_threads"),
         "process_py": ours,  # per CPU engine
@@ -304,6 +337,15 @@ def print_table(result: dict[str, Any]) -> None:
             f"{'n/a (both empty)' if math.isnan(dice) else f'{dice:.4f}'} (tumor voxels: "
             f"process.py {masks['tumor_voxels_ours']}, nnU-Net {masks['tumor_voxels_nnunet']})"
         )
+    tiles, tile_flops = result["tiles"], result["tile_flops"]
+    rates = []
+    for label, row in [*rows, ("nnU-Net", theirs)]:
+        per_tile = row["stages"]["network"] / tiles
+        rates.append(f"{label} {per_tile:.2f} s ({tile_flops / per_tile / 1e9:.0f} GFLOP/s)")
+    print(
+        f"network stage (stitching included) per tile, {tiles} tiles of "
+        f"{tile_flops / 1e9:.0f} GFLOP each (convolutions): {'; '.join(rates)}"
+    )
     for label, row in [*rows, ("nnU-Net", theirs)]:
         stages = row.get("stages", {})
         startup = row["wall_s"] - sum(stages.values())

@@ -185,7 +185,7 @@ def test_deep_supervision_weights_and_list_equals_weighted_sum():
 def test_softmax_three_classes():
     plan = make_plan("softmax", CLASSES3)
     target = labels(pancreas=True)
-    for name in ("dice_focal_boundary", "dice_ce"):
+    for name in ("dice_focal_boundary", "dice_ce", "tversky_ce"):
         loss = build_loss(LossConfig(name=name), plan)
         good = loss(confident(target, 3), target)
         bad = loss(confident(target, 3, sign=-1), target)
@@ -212,7 +212,44 @@ def test_dice_ce_perfect_near_zero():
     assert loss(confident(target, sign=-1), target) > 1.0
 
 
-@pytest.mark.parametrize("name", ["dice_focal_boundary", "dice_ce"])
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_tversky_at_even_weights_is_dice_ce(activation):
+    """The Tversky branch (its own cross-entropy) meets MONAI's DiceCELoss where Tversky is Dice."""
+    classes = CLASSES3 if activation == "softmax" else ("tumor",)
+    channels = len(classes) if activation == "softmax" else 1
+    target = labels(pancreas=True)
+    logits = torch.randn(2, channels, 8, 16, 16, generator=torch.Generator().manual_seed(3))
+    reference = DiceCE(activation, classes)(logits, target)
+    near_even = DiceCE(activation, classes, false_negative_weight=0.5 + 1e-7)
+    assert near_even.tversky is not None
+    assert near_even(logits, target).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_tversky_charges_missed_tumor_more_than_extra(activation):
+    """Weight 0.7 on false negatives: missing 28 tumor voxels costs more, against adding 28
+    outside, than it does with Dice (whose denominator already favours the larger mask a little;
+    the cross-entropy is the same for both)."""
+    classes = ("background", "tumor") if activation == "softmax" else ("tumor",)
+    channels = 2 if activation == "softmax" else 1
+    target = labels()
+    missed, extra = target.clone(), target.clone()
+    missed[0, 0, 3:5, 6:10, 6:8] = 0  # 16 of the first tumor's 32 voxels, and as many...
+    missed[1, 0, 4:6, 4:7, 9:11] = 0  # ...12 of the second's 18 (28 in all)
+    extra[0, 0, 3:5, 0:4, 0:2] = 1  # 16 voxels away from both tumors...
+    extra[1, 0, 4:6, 0:3, 0:2] = 1  # ...and 12 more (28 in all)
+    ratios = {}
+    for weight in (0.5, 0.7):
+        loss = DiceCE(activation, classes, false_negative_weight=weight)
+        ratios[weight] = loss(confident(missed, channels), target) / loss(
+            confident(extra, channels), target
+        )
+    assert ratios[0.7] > 1.25 * ratios[0.5] > 1.25
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        DiceCE(activation, classes, false_negative_weight=1.0)
+
+
+@pytest.mark.parametrize("name", ["dice_focal_boundary", "dice_ce", "tversky_ce"])
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 def test_gradients_finite_without_any_tumor(name, activation):
     classes = CLASSES3 if activation == "softmax" else ("tumor",)
@@ -232,7 +269,7 @@ def test_gradients_finite_without_any_tumor(name, activation):
 
 
 def test_unknown_loss_is_refused():
-    with pytest.raises(ValueError, match="dice_focal_boundary, dice_ce"):
+    with pytest.raises(ValueError, match="dice_focal_boundary, dice_ce, tversky_ce"):
         build_loss(LossConfig(name="tversky"), make_plan())
     with pytest.raises(ValueError, match="background"):
         DiceFocalBoundaryLoss("softmax", ("tumor", "pancreas"))

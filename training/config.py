@@ -78,11 +78,12 @@ class NetworkConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "dice_focal_boundary"  # or "dice_ce"
+    name: str = "dice_focal_boundary"  # or "dice_ce", "tversky_ce"
     dice_weight: float = 0.6
     focal_weight: float = 0.3
     boundary_weight: float = 0.1
     tumor_slice_weight: float = 2.0
+    false_negative_weight: float = 0.7  # tversky_ce: beta; false positives weigh 1 - beta
     deep_supervision_decay: float = 0.5
 
 

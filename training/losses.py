@@ -9,6 +9,9 @@ class the plan does not list counting as background.
   (gamma 2) and the boundary loss of Kervadec et al. Axial slices (along z) that contain tumor weigh
   `tumor_slice_weight` times more, in all three terms.
 - `dice_ce`: nnU-Net's Dice + cross-entropy (MONAI's DiceCELoss), no slice weights: the reference.
+- `tversky_ce`: `dice_ce` with the Dice term replaced by MONAI's Tversky loss, false negatives
+  weighing `false_negative_weight` and false positives the rest (0.5 each is Dice): for a model
+  that under-segments, as the CPU demo models do.
 
 With deep supervision the network returns a list of logits, finest first; the label is max-pooled
 to each output's size with tumor first, so a tumor smaller than a coarse voxel still marks that
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, TverskyLoss
 from scipy.ndimage import distance_transform_edt
 from torch import nn
 
@@ -195,24 +198,45 @@ class DiceFocalBoundaryLoss(nn.Module):
 
 class DiceCE(nn.Module):
     """nnU-Net's loss: batch Dice (foreground channels) + cross-entropy (BCE for one channel),
-    equal weights, via MONAI's DiceCELoss with its default smoothing."""
+    equal weights, via MONAI's DiceCELoss with its default smoothing. With
+    `false_negative_weight` other than 0.5 the Dice term becomes MONAI's batch Tversky loss
+    (alpha = 1 - weight for false positives, beta = weight for false negatives), plus the same
+    cross-entropy."""
 
-    def __init__(self, activation: str = "sigmoid", classes: Sequence[str] = ("tumor",)) -> None:
+    def __init__(
+        self,
+        activation: str = "sigmoid",
+        classes: Sequence[str] = ("tumor",),
+        false_negative_weight: float = 0.5,
+    ) -> None:
         super().__init__()
+        if not 0.0 < false_negative_weight < 1.0:
+            raise ValueError(
+                f"false_negative_weight must lie strictly between 0 and 1, not "
+                f"{false_negative_weight}"
+            )
         self.activation = activation
         if activation == "sigmoid":
             self.lookup = None
-            self.loss = DiceCELoss(sigmoid=True, batch=True)
+            overlap = {"sigmoid": True}
         elif activation == "softmax":
             self.register_buffer("lookup", class_lookup(classes), persistent=False)
             background = self.lookup[0].item()
             if background != 0:
                 raise ValueError("dice_ce expects 'background' as the first softmax class")
-            self.loss = DiceCELoss(
-                softmax=True, to_onehot_y=True, include_background=False, batch=True
-            )
+            overlap = {"softmax": True, "to_onehot_y": True, "include_background": False}
         else:
             raise ValueError(f"activation must be 'sigmoid' or 'softmax', not {activation!r}")
+        self.tversky = None
+        if false_negative_weight == 0.5:
+            self.loss = DiceCELoss(batch=True, **overlap)
+        else:
+            self.tversky = TverskyLoss(
+                alpha=1.0 - false_negative_weight,
+                beta=false_negative_weight,
+                batch=True,
+                **overlap,
+            )
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, spacing: Spacing | None = None
@@ -220,8 +244,16 @@ class DiceCE(nn.Module):
         logits = logits.float()
         target = target.to(logits.device)
         if self.lookup is None:
-            return self.loss(logits, (target == TUMOR).float())
-        return self.loss(logits, self.lookup.to(target.device)[target.long()])
+            target = (target == TUMOR).float()
+        else:
+            target = self.lookup.to(target.device)[target.long()]
+        if self.tversky is None:
+            return self.loss(logits, target)
+        if self.lookup is None:
+            cross_entropy = nnf.binary_cross_entropy_with_logits(logits, target)
+        else:
+            cross_entropy = nnf.cross_entropy(logits, target[:, 0].long())
+        return self.tversky(logits, target) + cross_entropy
 
 
 class DeepSupervisedLoss(nn.Module):
@@ -257,7 +289,7 @@ class DeepSupervisedLoss(nn.Module):
         return total
 
 
-LOSSES = ("dice_focal_boundary", "dice_ce")
+LOSSES = ("dice_focal_boundary", "dice_ce", "tversky_ce")
 
 
 def build_loss(config: LossConfig, plan: Plan) -> nn.Module:
@@ -276,6 +308,8 @@ def build_loss(config: LossConfig, plan: Plan) -> nn.Module:
         )
     elif config.name == "dice_ce":
         loss = DiceCE(activation, classes)
+    elif config.name == "tversky_ce":
+        loss = DiceCE(activation, classes, config.false_negative_weight)
     else:
         raise ValueError(f"unknown loss {config.name!r}; choose one of {', '.join(LOSSES)}")
     return DeepSupervisedLoss(
