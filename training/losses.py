@@ -227,7 +227,10 @@ class DiceCE(nn.Module):
             overlap = {"softmax": True, "to_onehot_y": True, "include_background": False}
         else:
             raise ValueError(f"activation must be 'sigmoid' or 'softmax', not {activation!r}")
-        self.tversky = None
+        # Exactly one of the two: MONAI's DiceCELoss (nnU-Net's loss, as shipped), or Tversky
+        # with the cross-entropy computed in `forward`.
+        self.loss: DiceCELoss | None = None
+        self.tversky: TverskyLoss | None = None
         if false_negative_weight == 0.5:
             self.loss = DiceCELoss(batch=True, **overlap)
         else:
@@ -247,7 +250,7 @@ class DiceCE(nn.Module):
             target = (target == TUMOR).float()
         else:
             target = self.lookup.to(target.device)[target.long()]
-        if self.tversky is None:
+        if self.loss is not None:
             return self.loss(logits, target)
         if self.lookup is None:
             cross_entropy = nnf.binary_cross_entropy_with_logits(logits, target)
