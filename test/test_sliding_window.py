@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -326,8 +327,24 @@ def test_changing_class_count_is_rejected() -> None:
 
 
 def test_non_finite_logits_fail_loudly() -> None:
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(ValueError, match=r"not finite: the predictor returned NaN/inf$"):
         sliding_window_predict(np.zeros((1, 4, 4, 4), np.float32), lambda b: b + np.nan, (4, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, hint",
+    [
+        ({"accumulate_dtype": np.float16}, r"float16 accumulation overflowed \(use float32\)"),
+        ({"stitching": "nnunet"}, r"nnU-Net's float16 sums overflowed"),
+    ],
+)
+def test_float16_overflow_names_the_stitching_that_overflowed(kwargs: dict, hint: str) -> None:
+    """Finite logits beyond float16's range overflow the half-precision sums; the message says
+    which, and offers float32 only where the caller can choose it."""
+    volume = np.zeros((1, 4, 4, 4), np.float32)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=hint):
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's overflow warning comes first
+        sliding_window_predict(volume, lambda b: b + 1e5, (4, 4, 4), **kwargs)
 
 
 # --- mirroring and ensembling --------------------------------------------------------------------

@@ -220,11 +220,12 @@ def sliding_window_predict(
     if spatial != list(padded_shape):
         result = np.ascontiguousarray(result)
     if not np.isfinite(result).all():
-        overflow = (
-            ", or float16 accumulation overflowed (use float32)"
-            if acc_dtype == np.float16 or half_sums
-            else ""
-        )
+        if half_sums:  # nnU-Net's stitching rounds to float16 by design: no float32 to offer
+            overflow = ", or nnU-Net's float16 sums overflowed (logits beyond float16's 65504)"
+        elif acc_dtype == np.float16:
+            overflow = ", or float16 accumulation overflowed (use float32)"
+        else:
+            overflow = ""
         raise ValueError(
             f"stitched logits are not finite: the predictor returned NaN/inf{overflow}"
         )
