@@ -3,6 +3,7 @@ and a failed fold stops the others and names itself."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -17,6 +18,14 @@ def record_threads(fold: int, folder: str) -> None:
     import torch
 
     (Path(folder) / f"fold_{fold}.txt").write_text(f"{torch.get_num_threads()} {os.getpid()}")
+
+
+def record_logging(fold: int, folder: str) -> None:
+    enabled = [logging.getLogger(name).isEnabledFor(logging.INFO) for name in LOGGERS]
+    (Path(folder) / f"fold_{fold}.txt").write_text(" ".join(map(str, enabled)))
+
+
+LOGGERS = ("pantherseg.training", "numexpr.utils")
 
 
 def fail_fold_one(fold: int, folder: str) -> None:
@@ -51,3 +60,11 @@ def test_a_failed_fold_stops_the_others(tmp_path):
 def test_nonsense_counts_are_refused():
     with pytest.raises(ValueError, match="at least 1"):
         train_side_by_side("builtins:print", {}, [0], 0, threads=1)
+
+
+def test_fold_processes_log_training_at_info_and_numexpr_only_at_warning(tmp_path):
+    """A fold's process starts fresh: its training lines must show, and NumExpr's per-process
+    thread-count line must not."""
+    target, arguments = "test_train_side_by_side:record_logging", {"folder": str(tmp_path)}
+    train_side_by_side(target, arguments, [0], 1, threads=1)
+    assert (tmp_path / "fold_0.txt").read_text() == "True False"

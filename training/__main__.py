@@ -66,8 +66,8 @@ from training.records import (
 )
 from training.regions import RegionSampling
 from training.side_by_side import (
-    LOG_FORMAT,
     FoldProcessError,
+    configure_logging,
     threads_per_fold,
     train_side_by_side,
 )
@@ -928,7 +928,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging()
     try:
         return _run(args)
     except Exception as error:

@@ -27,6 +27,14 @@ from multiprocessing.process import BaseProcess
 LOG_FORMAT = "%(asctime)s %(message)s"
 
 
+def configure_logging() -> None:
+    """Timestamped INFO lines for training's own logs, in the main process and in each fold's.
+    NumExpr (imported through MONAI's dependencies) would add a thread-count line at INFO to every
+    process's log; it is kept at WARNING."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.getLogger("numexpr").setLevel(logging.WARNING)
+
+
 class FoldProcessError(RuntimeError):
     """A fold's process ended with an error (its own message is printed above)."""
 
@@ -42,7 +50,7 @@ def threads_per_fold(parallel: int, cpus: int | None = None) -> int:
 def _child(target: str, arguments: dict, fold: int, threads: int) -> None:
     import torch
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging()
     torch.set_num_threads(threads)
     module, name = target.split(":")
     getattr(importlib.import_module(module), name)(fold, **arguments)
