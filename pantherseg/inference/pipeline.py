@@ -97,12 +97,22 @@ def class_probabilities(
         out["tumor"] = sigmoid(logits[0])
         return out
     # Class by class, elementwise, each exponential computed once: twice as fast as reducing
-    # over the leading class axis, with the same values and the same order of summation.
+    # over the leading class axis, with the same values and the same order of summation. Only
+    # the wanted classes' exponentials are kept; the others are added and dropped.
     peak = functools.reduce(np.maximum, logits)
-    exponentials = [np.exp(channel - peak) for channel in logits]
-    denominator = functools.reduce(np.add, exponentials)
+    wanted_indices = {classes.index(name) for name in wanted}
+    kept: dict[int, np.ndarray] = {}
+    denominator: np.ndarray | None = None
+    for index, channel in enumerate(logits):
+        exponential = np.exp(channel - peak)
+        if denominator is None:
+            denominator = exponential.copy() if index in wanted_indices else exponential
+        else:
+            denominator += exponential
+        if index in wanted_indices:
+            kept[index] = exponential
     for name in wanted:
-        share = exponentials[classes.index(name)]
+        share = kept[classes.index(name)]
         out[name] = np.divide(share, denominator, out=share)
     return out
 
