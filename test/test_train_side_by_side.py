@@ -20,12 +20,12 @@ def record_threads(fold: int, folder: str) -> None:
     (Path(folder) / f"fold_{fold}.txt").write_text(f"{torch.get_num_threads()} {os.getpid()}")
 
 
+LOGGERS = ("pantherseg.training", "numexpr.utils")  # training's own, and NumExpr's
+
+
 def record_logging(fold: int, folder: str) -> None:
     enabled = [logging.getLogger(name).isEnabledFor(logging.INFO) for name in LOGGERS]
     (Path(folder) / f"fold_{fold}.txt").write_text(" ".join(map(str, enabled)))
-
-
-LOGGERS = ("pantherseg.training", "numexpr.utils")
 
 
 def fail_fold_one(fold: int, folder: str) -> None:
