@@ -1,9 +1,11 @@
 """The model card records evaluations: a `pantherseg evaluate` summary becomes a section of
-README.md (before "Intended use", replaced when recorded again) and an entry of metadata.json."""
+README.md (before "Intended use"; recorded again, its recorded part is replaced and what was
+written by hand after it kept) and an entry of metadata.json."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import SimpleITK as sitk
 from pantherseg.cli import main as pantherseg_main
 from pantherseg.phantoms.synthetic import write_dataset
 from training.__main__ import main as training_main
+from training.model_card import RECORDED_END, RECORDED_START
 
 CARD = """# pantherseg model card
 
@@ -88,17 +91,53 @@ def test_evaluation_goes_before_intended_use_and_into_metadata(tmp_path, summary
     for band in bands:
         assert f"| {band['band']} | {band['n_cases']} | {band['dice']:.4f} |" in section
     assert card.index("## Cross-validation") < card.index("## Held-out phantoms")
+    assert section.startswith("## Held-out phantoms\n" + RECORDED_START + "\n\nTwo cases.")
+    assert "|\n\n" + RECORDED_END + "\n\n## Intended use" in card  # blank lines around it
     metadata = json.loads((model / "metadata.json").read_text())
     recorded = metadata["evaluations"]["Held-out phantoms"]
     assert recorded["note"] == "Two cases." and recorded["methods"]["predictions"] == expected
     assert "section 'Held-out phantoms' written" in capsys.readouterr().out
 
-    # Recorded again: the section is replaced, not repeated.
+    # Recorded again after a paragraph was written by hand below the recorded part: the recorded
+    # part is replaced, not repeated, and the paragraph stays where it was.
+    paragraph = "\n\nWritten by hand: why the small tumors are missed."
+    card = card.replace(RECORDED_END, RECORDED_END + paragraph)
+    (model / "README.md").write_text(card)
     assert training_main([*argv, "--title", "Held-out phantoms", "--note", "Again."]) == 0
     card = (model / "README.md").read_text()
     assert card.count("## Held-out phantoms") == 1 and "Again." in card and "Two cases." not in card
+    assert card.count(RECORDED_START) == 1 and card.count(RECORDED_END) == 1
+    assert RECORDED_END + paragraph + "\n\n## Intended use" in card
     assert card.rstrip().endswith("Research only.")
-    assert "|\n\n## Intended use" in card  # a blank line between the sections, as before
+
+
+def test_a_section_without_markers_is_not_overwritten(tmp_path, summary, capsys):
+    """A section of the same title written by hand (or before the markers existed) may hold text
+    no summary can restore: recording into it stops, naming the card, and changes nothing."""
+    model = model_folder(tmp_path)
+    card = CARD.replace(
+        "## Intended use", "## Held-out phantoms\n\nA hand-made table.\n\n## Intended use"
+    )
+    (model / "README.md").write_text(card)
+    argv = ["card", "--model", str(model), "--evaluation", str(summary), "--title"]
+    assert training_main([*argv, "Held-out phantoms"]) == 2
+    err = capsys.readouterr().err
+    assert f"{model / 'README.md'}: section 'Held-out phantoms' lacks the markers" in err
+    assert (model / "README.md").read_text() == card
+    assert json.loads((model / "metadata.json").read_text()) == {"name": "pantherseg"}
+
+
+def test_a_card_without_intended_use_gets_the_section_at_its_end(tmp_path, summary):
+    model = model_folder(tmp_path)
+    card = CARD[: CARD.index("## Intended use")]
+    (model / "README.md").write_text(card)
+    argv = ["card", "--model", str(model), "--evaluation", str(summary), "--title", "Tuning"]
+    assert training_main(argv) == 0
+    once = (model / "README.md").read_text()
+    assert once.startswith(card.rstrip("\n") + "\n\n## Tuning\n" + RECORDED_START + "\n")
+    assert once.endswith("|\n\n" + RECORDED_END + "\n")
+    assert training_main(argv) == 0  # recorded again from the same summary: the same card
+    assert (model / "README.md").read_text() == once
 
 
 def test_missing_or_wrong_summary_is_a_clear_error(tmp_path, capsys):
@@ -112,3 +151,25 @@ def test_missing_or_wrong_summary_is_a_clear_error(tmp_path, capsys):
     assert training_main([*argv, str(wrong)]) == 2
     assert "not a `pantherseg evaluate` summary.json" in capsys.readouterr().err
     assert (model / "README.md").read_text() == CARD  # nothing changed
+
+
+@pytest.mark.parametrize("task", ["task1", "task2"])
+def test_the_shipped_cards_can_be_recorded_again_without_losing_their_paragraphs(
+    tmp_path, summary, task
+):
+    """The shipped cards' held-out sections carry paragraphs written by hand after the recorded
+    tables: a new held-out score replaces the tables and keeps every one of those paragraphs."""
+    shipped = Path(__file__).resolve().parents[1] / "models" / task
+    model = tmp_path / task
+    model.mkdir()
+    for name in ("README.md", "metadata.json"):
+        (model / name).write_bytes((shipped / name).read_bytes())
+    before = (model / "README.md").read_text()
+    start = before.index("## Held-out phantoms")
+    kept = before[before.index(RECORDED_END, start) + len(RECORDED_END) :]
+    assert "\n## Test-time mirroring" in kept and len(kept.split("\n## ")[0]) > 200
+    argv = ["card", "--model", str(model), "--evaluation", str(summary)]
+    assert training_main([*argv, "--title", "Held-out phantoms", "--note", "Again."]) == 0
+    after = (model / "README.md").read_text()
+    assert after.endswith(RECORDED_END + kept) and "Again." in after
+    assert after[:start] == before[:start]

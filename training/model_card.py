@@ -30,6 +30,10 @@ from training.records import MIRRORED_PREFIX
 CARD_FILE = "README.md"
 METADATA_FILE = "metadata.json"
 INTENDED_USE_HEADING = "## Intended use"
+# A recorded evaluation lies between these two lines of its section; recording it again replaces
+# only them and what lies between, so paragraphs written by hand after the end marker survive.
+RECORDED_START = "<!-- recorded by `python -m training card`: recording again replaces it -->"
+RECORDED_END = "<!-- end of the recorded evaluation -->"
 METRICS = (*CASE_MEAN_METRICS, "tumor_burden_rmse", "n_cases", "n_without_tumor")
 
 
@@ -173,7 +177,7 @@ def _format(value: float | int) -> str:
 def evaluation_section(summary: dict, title: str, note: str = "") -> str:
     """A card section with each method's aggregates from `pantherseg evaluate`'s summary.json, one
     column per spacing convention it was scored with."""
-    lines = [f"## {title}", ""]
+    lines = [f"## {title}", RECORDED_START, ""]
     if note:
         lines += [note.strip(), ""]
     for method, result in summary["methods"].items():
@@ -196,7 +200,7 @@ def evaluation_section(summary: dict, title: str, note: str = "") -> str:
                 band_table(bands),
                 "",
             ]
-    return "\n".join(lines)
+    return "\n".join([*lines, RECORDED_END])
 
 
 def band_table(bands: list[dict]) -> str:
@@ -212,8 +216,9 @@ def band_table(bands: list[dict]) -> str:
 
 
 def record_evaluation(model_dir: Path, summary_path: Path, title: str, note: str = "") -> None:
-    """Adds (or replaces) the section `title` in the model card and the entry `title` under
-    `evaluations` in metadata.json, from a `pantherseg evaluate` summary.json."""
+    """Adds the section `title` to the model card (or replaces its recorded part, keeping what
+    was written by hand after it) and the entry `title` under `evaluations` in metadata.json,
+    from a `pantherseg evaluate` summary.json."""
     model_dir, summary_path = Path(model_dir), Path(summary_path)
     card_path, metadata_path = model_dir / CARD_FILE, model_dir / METADATA_FILE
     for path in (card_path, metadata_path, summary_path):
@@ -228,12 +233,20 @@ def record_evaluation(model_dir: Path, summary_path: Path, title: str, note: str
     if heading in card:
         start = card.index(heading)
         end = card.find("\n## ", start + len(heading))
-        card = card[:start] + section + (card[end:] if end >= 0 else "")
+        end = len(card) if end < 0 else end
+        stop = card.find(RECORDED_END, start, end)
+        if card.find(RECORDED_START, start, end) < 0 or stop < 0:
+            raise ValueError(
+                f"{card_path}: section '{title}' lacks the markers of a recorded evaluation, so "
+                "it may hold text written by hand; rename or remove its heading, or put its "
+                f"recorded part between the lines '{RECORDED_START}' and '{RECORDED_END}'"
+            )
+        card = card[:start] + section + card[stop + len(RECORDED_END) :]
     elif INTENDED_USE_HEADING in card:
         at = card.index(INTENDED_USE_HEADING)
-        card = card[:at] + section + "\n" + card[at:]
+        card = card[:at] + section + "\n\n" + card[at:]
     else:
-        card = card.rstrip("\n") + "\n\n" + section
+        card = card.rstrip("\n") + "\n\n" + section + "\n"
     metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
     metadata.setdefault("evaluations", {})[title] = {
         "note": note,
