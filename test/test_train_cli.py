@@ -249,7 +249,7 @@ def test_a_config_builds_on_its_base(tmp_path):
             load_config(tmp_path / name)
 
 
-def test_task2_demo_config_changes_only_the_label_intensity():
+def test_task2_demo_config_changes_only_the_label_intensity_and_the_grid():
     from training.config import load_config
 
     examples = Path(__file__).resolve().parents[1] / "examples"
@@ -261,7 +261,12 @@ def test_task2_demo_config_changes_only_the_label_intensity():
     assert changed == {"label_intensity", "label_intensity_classes"}
     assert task2["augmentation"]["label_intensity_classes"] == ["tumor"]
     assert task1["network"]["base_features"] == task2["network"]["base_features"] == 12
-    task1.pop("augmentation"), task2.pop("augmentation")
+    # Task 2's 2 mm slices keep their resolution; the patch keeps its voxels.
+    assert task1["plan"]["target_spacing_zyx"] == [3.0, 1.5, 1.5]
+    assert task2["plan"]["target_spacing_zyx"] == [2.0, 1.5, 1.5]
+    assert task1["plan"]["patch_size_zyx"] == task2["plan"]["patch_size_zyx"]
+    for config in (task1, task2):
+        config.pop("augmentation"), config["plan"].pop("target_spacing_zyx")
     assert task1 == task2
 
 
