@@ -215,6 +215,16 @@ def test_the_workflow_trains_both_stages_and_exports_a_two_stage_model(tmp_path,
     assert run("cv", "--work", work, "--resume") == 0
     assert (work / "cascade.json").read_text() == before
 
+    # A plan that lost the localiser's limits (a run stopped between writing cascade.json and the
+    # plan, or cascade.json copied into a freshly planned folder) gets them back on resuming.
+    planned = json.loads((work / "plan.json").read_text())
+    planned["localiser"]["min_foreground_ml"], planned["localiser"]["max_extent_mm"] = 1.0, 400.0
+    (work / "plan.json").write_text(json.dumps(planned))
+    assert run("cv", "--work", work, "--resume") == 0
+    resumed = json.loads((work / "plan.json").read_text())["localiser"]
+    assert resumed["min_foreground_ml"] == cascade["min_foreground_ml"] != 1.0
+    assert resumed["max_extent_mm"] == cascade["max_extent_mm"] != 400.0
+
 
 def test_two_stage_mistakes_are_clear_errors(tmp_path, tiny, capsys):
     tumor_only = write_config(tmp_path / "tumor.yaml", cascade=CASCADE)  # labels: tumor

@@ -127,6 +127,23 @@ def test_a_section_without_markers_is_not_overwritten(tmp_path, summary, capsys)
     assert json.loads((model / "metadata.json").read_text()) == {"name": "pantherseg"}
 
 
+def test_a_subsection_of_the_same_title_is_another_section(tmp_path, summary):
+    """`### Held-out phantoms` (an older edition's, under "Previous editions") is not the
+    section `## Held-out phantoms`: recording adds the section and leaves the subsection alone,
+    before the fix it was taken for the section and the recording stopped."""
+    model = model_folder(tmp_path)
+    older = "## Previous editions\n\n### Held-out phantoms\n\nAn older edition's table.\n\n"
+    card = CARD.replace("## Intended use", older + "## Intended use")
+    (model / "README.md").write_text(card)
+    argv = ["card", "--model", str(model), "--evaluation", str(summary), "--title"]
+    assert training_main([*argv, "Held-out phantoms"]) == 0
+    once = (model / "README.md").read_text()
+    assert once.count("\n## Held-out phantoms\n") == 1 and once.count(RECORDED_START) == 1
+    assert older in once
+    assert training_main([*argv, "Held-out phantoms"]) == 0  # and again: the same card
+    assert (model / "README.md").read_text() == once
+
+
 def test_a_card_without_intended_use_gets_the_section_at_its_end(tmp_path, summary):
     model = model_folder(tmp_path)
     card = CARD[: CARD.index("## Intended use")]

@@ -610,6 +610,18 @@ def _cv_localiser(
         _wait_for_rank_zero()
         cascade = Cascade.load(work)
     assert cascade is not None
+    plan = _work_plan(work)
+    limits = {
+        "min_foreground_ml": cascade.min_foreground_ml,
+        "max_extent_mm": cascade.max_extent_mm,
+    }
+    if _is_main_process() and any(getattr(plan.localiser, k) != v for k, v in limits.items()):
+        # The plan lacks the limits cascade.json records: a run stopped between the two writes,
+        # or cascade.json was copied into a freshly planned work folder.
+        save_plan(
+            dataclasses.replace(plan, localiser=dataclasses.replace(plan.localiser, **limits)), work
+        )
+    _wait_for_rank_zero()
     return _work_plan(work), cascade
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import platform
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -229,10 +230,12 @@ def record_evaluation(model_dir: Path, summary_path: Path, title: str, note: str
         raise ValueError(f"{summary_path}: not a `pantherseg evaluate` summary.json (no methods)")
     section = evaluation_section(summary, title, note)
     card = card_path.read_text(encoding="utf-8")
-    heading = f"## {title}\n"
-    if heading in card:
-        start = card.index(heading)
-        end = card.find("\n## ", start + len(heading))
+    # The heading on a line of its own: `## Title` inside `### Title` (an older edition's section
+    # under "Previous editions") is another section.
+    heading = re.search(rf"^## {re.escape(title)}\n", card, flags=re.MULTILINE)
+    if heading:
+        start = heading.start()
+        end = card.find("\n## ", heading.end())
         end = len(card) if end < 0 else end
         stop = card.find(RECORDED_END, start, end)
         if card.find(RECORDED_START, start, end) < 0 or stop < 0:
