@@ -133,6 +133,12 @@ def test_all_then_pseudo_labels_and_a_fine_tuned_second_round(tiny, tmp_path):
     assert result["init"]["matched"] == report["matched"]
     assert torch.load(second / "fold_1" / "best.pt", weights_only=False)["network"]
 
+    # From an exported model folder, fold k starts from the model's own fold k.
+    assert run("cv", "--work", second, "--device", "cpu", "--init", model) == 0
+    for fold in (0, 1):
+        report = json.loads((second / f"fold_{fold}" / "init.json").read_text())
+        assert report["source"] == str(model / f"fold_{fold}.onnx") and report["matched"]
+
 
 def test_steps_out_of_order_are_exit_2(tiny, tmp_path, capsys):
     work = tmp_path / "work"
@@ -152,6 +158,9 @@ def test_steps_out_of_order_are_exit_2(tiny, tmp_path, capsys):
     missing = tmp_path / "nowhere.pt"
     assert run("train", "--work", work, "--fold", "0", "--device", "cpu", "--init", missing) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    shipped = Path(__file__).resolve().parents[1] / "models" / "task1"  # 3 folds against 2
+    assert run("cv", "--work", work, "--device", "cpu", "--init", shipped) == 2
+    assert "a model of 3 fold(s)" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert run("cv", "--work", work, "--device", "cuda") == 2
         assert "no CUDA device" in capsys.readouterr().err

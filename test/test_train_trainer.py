@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -381,6 +382,35 @@ def test_init_loads_matching_tensors_and_reports_the_rest(tiny, tmp_path):
     bare = tmp_path / "bare.pt"
     torch.save({f"module.{k}": v for k, v in pretrained.items()}, bare)
     assert len(load_matching_weights(network, bare).matched) == len(pretrained)
+
+
+def test_init_from_an_exported_fold_loads_every_weight_it_holds(tmp_path):
+    """The shipped Task 1 demo's fold 1, read back from its ONNX file: every tensor of the
+    network but the deep-supervision heads (which export drops) comes back exactly, including
+    those the exporter stored once for two names (equal norm biases, as an Identity node)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pantherseg.inference.plan import load_plan
+    from training.config import load_config
+
+    model = Path(__file__).resolve().parents[1] / "models" / "task1"
+    config = load_config(model.parents[1] / "examples" / "demo_cpu.yaml")
+    network = build_network(config.network, load_plan(model))
+    report = load_matching_weights(network, model / "fold_1.onnx")
+    heads = {n for n in network.state_dict() if n.startswith("deep_supervision_heads.")}
+    assert heads and set(report.skipped) == heads and not report.unused
+    graph = onnx.load(str(model / "fold_1.onnx")).graph
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+    assert any(name in report.matched for name in aliases)  # the Identity path is exercised
+    state = network.state_dict()
+    for name in report.matched:
+        expected = stored[aliases.get(name, name)]
+        assert torch.equal(state[name], torch.from_numpy(expected.copy())), name
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="cannot be read as an ONNX model"):
+        load_matching_weights(network, tmp_path / "junk.onnx")
 
 
 def test_init_from_an_unrelated_checkpoint_is_an_error(tiny, tmp_path):

@@ -23,8 +23,11 @@ Several folds at once on one machine: `cv.parallel_folds` (`training.side_by_sid
 Beyond the baseline (flags; see also training/default.yaml):
 
 - Fine-tuning: `train --init CHECKPOINT` or `cv --init CHECKPOINT` starts every fold from the
-  tensors of CHECKPOINT that match the network by name and shape (pretrained weights, or a fold
-  of an earlier run); `<work>/fold_k/init.json` lists what was loaded and what was skipped.
+  tensors of CHECKPOINT that match the network by name and shape (pretrained weights, a fold of
+  an earlier run, or an exported `.onnx` fold); `<work>/fold_k/init.json` lists what was loaded
+  and what was skipped. `--init MODEL_DIR` (an exported model) starts fold k from the model's
+  fold k instead: with the same split, no fold then starts from weights that saw its validation
+  cases.
 - Self-training on the unlabelled scans (PANTHER Task 1's ImagesTr_unlabeled/):
       python -m training pseudo-label --work work/ --out pseudo/
   segments every unlabelled image of the work's dataset with the cross-validation ensemble (all
@@ -54,7 +57,14 @@ import numpy as np
 import yaml
 
 from pantherseg.inference.files import atomic_write_text
-from pantherseg.inference.plan import PLAN_FILE, Localiser, Plan, load_plan, save_plan
+from pantherseg.inference.plan import (
+    PLAN_FILE,
+    Localiser,
+    Plan,
+    fold_paths,
+    load_plan,
+    save_plan,
+)
 from training.config import ConfigError, TrainingConfig, load_config
 from training.records import (
     MIRRORED_PREFIX,
@@ -364,6 +374,7 @@ def _train_one(
     if not 0 <= fold < len(splits):
         raise WorkflowError(f"fold {fold} does not exist; folds are 0..{len(splits) - 1}")
     split = splits[fold]
+    init = fold_init(init, fold, len(splits))
     extra = sorted(_extra_ids(work) & set(cached))
     result = train_fold(
         config,
@@ -386,6 +397,22 @@ def _train_one(
             f"{result.best_epoch} of {result.epochs_run}"
         )
     return summary
+
+
+def fold_init(init: Path | None, fold: int, folds: int) -> Path | None:
+    """The weights fold `fold` starts from: `init` itself, or, when `init` is an exported model
+    folder, that model's fold `fold` (its weights checked against the plan). Fold by fold, so that
+    when both models share the split, no fold starts from weights that saw its validation cases
+    and the out-of-fold figures stay out of fold."""
+    if init is None or not init.is_dir():
+        return init
+    paths = fold_paths(load_plan(init).inference, init)
+    if len(paths) != folds:
+        raise WorkflowError(
+            f"{init}: a model of {len(paths)} fold(s); fine-tuning from a model folder starts "
+            f"fold k from its fold k, so it needs as many folds as this split ({folds})"
+        )
+    return paths[fold]
 
 
 def _fold_process(
@@ -506,6 +533,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     cached = _cached_by_id(work)
     splits = _splits(work, config, cached)
     resolve_device(args.device)  # a missing GPU is reported before any fold is trained
+    fold_init(args.init, 0, len(splits))  # and so is a model folder that does not fit
     dataset = _work_dataset(work)
     cases = {c.case_id: c for c in dataset.labelled}
     region, regions = None, None
@@ -814,7 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "--init",
                 type=Path,
                 metavar="CHECKPOINT",
-                help="fine-tune: start from the tensors of CHECKPOINT that match by name and shape",
+                help="fine-tune: start from the tensors of CHECKPOINT (a .pt checkpoint or an "
+                "exported .onnx fold) that match by name and shape; an exported model folder "
+                "starts fold k from its own fold k",
             )
         p.set_defaults(run=run)
         return p

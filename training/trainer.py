@@ -321,9 +321,33 @@ class InitReport:
         )
 
 
+def _onnx_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The named weights of an ONNX network exported from PyTorch: its initializers, and the
+    names the exporter gave to a tensor equal to another (an Identity node of an initializer; a
+    residual block's two norm biases get equal gradients and stay equal). Deep-supervision heads
+    are not in an exported network."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as error:  # protobuf raises several kinds for a file that is not ONNX
+        raise ValueError(f"{path}: cannot be read as an ONNX model ({error})") from None
+    tensors = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in tensors:
+            tensors[node.output[0]] = tensors[node.input[0]]
+    return tensors
+
+
 def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint: this trainer's (`{"network": ...}`), a `{"state_dict": ...}`
-    file or a bare state dict; the `module.` prefix of a saved DDP model is dropped."""
+    file, a bare state dict (the `module.` prefix of a saved DDP model is dropped), or an exported
+    fold (`.onnx`)."""
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: checkpoint not found")
+        return _onnx_tensors(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -362,6 +386,14 @@ def load_matching_weights(network: torch.nn.Module, checkpoint: Path) -> InitRep
             take[name] = source[name].to(dtype=tensor.dtype)
             report.matched.append(name)
     report.unused = sorted(set(source) - set(own))
+    # A module reachable by two paths (DynUNet's `skip_layers` chain) lists its tensors under both
+    # names: a tensor loaded under one is not reported as kept under the other, nor twice.
+    seen = {own[name].data_ptr() for name in report.matched}
+    skipped, report.skipped = report.skipped, {}
+    for name, why in skipped.items():
+        if own[name].data_ptr() not in seen:
+            seen.add(own[name].data_ptr())
+            report.skipped[name] = why
     if not take:
         raise ValueError(
             f"{checkpoint}: no tensor matches the network by name and shape; is it a checkpoint "
