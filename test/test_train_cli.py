@@ -161,6 +161,8 @@ def test_steps_out_of_order_are_exit_2(tiny, tmp_path, capsys):
     shipped = Path(__file__).resolve().parents[1] / "models" / "task1"  # 3 folds against 2
     assert run("cv", "--work", work, "--device", "cpu", "--init", shipped) == 2
     assert "a model of 3 fold(s)" in capsys.readouterr().err
+    assert run("cv", "--work", work, "--device", "cpu", "--init", work) == 2  # a work folder
+    assert "takes a checkpoint file or an exported model folder" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert run("cv", "--work", work, "--device", "cuda") == 2
         assert "no CUDA device" in capsys.readouterr().err

@@ -61,6 +61,7 @@ from pantherseg.inference.plan import (
     PLAN_FILE,
     Localiser,
     Plan,
+    PlanError,
     fold_paths,
     load_plan,
     save_plan,
@@ -406,7 +407,12 @@ def fold_init(init: Path | None, fold: int, folds: int) -> Path | None:
     and the out-of-fold figures stay out of fold."""
     if init is None or not init.is_dir():
         return init
-    paths = fold_paths(load_plan(init).inference, init)
+    try:
+        paths = fold_paths(load_plan(init).inference, init)
+    except PlanError as error:
+        raise WorkflowError(
+            f"--init takes a checkpoint file or an exported model folder; {error}"
+        ) from None
     if len(paths) != folds:
         raise WorkflowError(
             f"{init}: a model of {len(paths)} fold(s); fine-tuning from a model folder starts "
