@@ -12,17 +12,21 @@
 # Environment (defaults): TASK (task1), WORK (out/demo-cpu for task1, out/demo-cpu-task2 for
 # task2), CONFIG (examples/demo_cpu.yaml for task1, examples/demo_cpu_task2.yaml for task2),
 # MODEL (\$WORK/model), PYTHON (.venv/bin/python), DEVICE (cpu), JOBS (all CPUs),
-# TRAIN_CASES (60), HELDOUT_CASES (40), SIZE (full; small makes tiny phantoms to try it out).
+# TRAIN_CASES (60), HELDOUT_CASES (40), SIZE (full; small makes tiny phantoms to try it out),
+# INIT (none for task1; models/task1 for task2: its region folds are fine-tuned from the shipped
+# Task 1 model, fold k from fold k; INIT= trains them from random weights).
 set -euo pipefail
 TASK=${TASK:-task1}
 case "$TASK" in
     task1)
         WORK=${WORK:-out/demo-cpu}
         CONFIG=${CONFIG:-examples/demo_cpu.yaml}
+        INIT=${INIT:-}
         ;;
     task2)
         WORK=${WORK:-out/demo-cpu-task2}
         CONFIG=${CONFIG:-examples/demo_cpu_task2.yaml}
+        INIT=${INIT-models/task1}
         ;;
     *)
         echo "train_demo_cpu.sh: TASK must be task1 or task2, not '$TASK'" >&2
@@ -47,7 +51,7 @@ if wants data; then
     step "$PY" -m training preprocess --work "$WORK/work"
 fi
 if wants cv; then
-    step "$PY" -m training cv --work "$WORK/work" --device "$DEVICE" --resume
+    step "$PY" -m training cv --work "$WORK/work" --device "$DEVICE" --resume ${INIT:+--init "$INIT"}
 fi
 if wants export; then
     step "$PY" -m training export --work "$WORK/work" --out "$MODEL"
