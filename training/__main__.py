@@ -639,24 +639,24 @@ def _cv_localiser(
             )
             cascade = measure(found, cases, localiser, config.cascade.jitter_mm)
             cascade.save(work)
-            save_plan(dataclasses.replace(plan, localiser=localiser), work)
             _print_cascade(cascade)
         _wait_for_rank_zero()
         cascade = Cascade.load(work)
     assert cascade is not None
-    plan = _work_plan(work)
-    limits = {
-        "min_foreground_ml": cascade.min_foreground_ml,
-        "max_extent_mm": cascade.max_extent_mm,
-    }
-    if _is_main_process() and any(getattr(plan.localiser, k) != v for k, v in limits.items()):
-        # The plan lacks the limits cascade.json records: a run stopped between the two writes,
-        # or cascade.json was copied into a freshly planned work folder.
-        save_plan(
-            dataclasses.replace(plan, localiser=dataclasses.replace(plan.localiser, **limits)), work
-        )
+    # The plan takes its limits from cascade.json, the one record of them: whether they were just
+    # measured, or a run stopped before the plan was written, or cascade.json was copied into a
+    # freshly planned work folder.
+    localiser = dataclasses.replace(
+        plan.localiser,
+        min_foreground_ml=cascade.min_foreground_ml,
+        max_extent_mm=cascade.max_extent_mm,
+    )
+    if localiser != plan.localiser:
+        plan = dataclasses.replace(plan, localiser=localiser)
+        if _is_main_process():
+            save_plan(plan, work)
     _wait_for_rank_zero()
-    return _work_plan(work), cascade
+    return plan, cascade
 
 
 def _print_cascade(cascade: Cascade) -> None:
