@@ -74,6 +74,8 @@ def test_plan_preprocess_cv_export(tiny, tmp_path, capsys):
     assert run("cv", "--work", work, "--device", "cpu") == 0
     assert run("export", "--work", work, "--out", model) == 0
     check_trained(work, model, len(tiny.dataset.labelled))
+    assert json.loads((model / "metadata.json").read_text())["initialisation"] == {}
+    assert "- Initialisation: every fold from random weights." in (model / "README.md").read_text()
     out = capsys.readouterr().out
     assert "4 labelled and 1 unlabelled cases" in out and "out-of-fold Dice" in out
     assert "exported 2 fold(s)" in out
@@ -138,6 +140,23 @@ def test_all_then_pseudo_labels_and_a_fine_tuned_second_round(tiny, tmp_path):
     for fold in (0, 1):
         report = json.loads((second / f"fold_{fold}" / "init.json").read_text())
         assert report["source"] == str(model / f"fold_{fold}.onnx") and report["matched"]
+    # Its export names what each fold started from (the file, without this machine's folders).
+    assert run("export", "--work", second, "--out", tmp_path / "model2") == 0
+    started = json.loads((tmp_path / "model2" / "metadata.json").read_text())["initialisation"]
+    shipped = {f.file: f.sha256 for f in load_plan(model).inference.folds}
+    reports = [json.loads((second / f"fold_{k}" / "init.json").read_text()) for k in (0, 1)]
+    assert started == {
+        f"fold_{k}.onnx": {
+            "source": f"fold_{k}.onnx",
+            "source_sha256": shipped[f"fold_{k}.onnx"],
+            "loaded_tensors": len(reports[k]["matched"]),
+            "kept_initialisation": sorted(reports[k]["skipped"]),
+        }
+        for k in (0, 1)
+    }
+    card = (tmp_path / "model2" / "README.md").read_text()
+    sha = shipped["fold_0.onnx"][:12]
+    assert f"- Fine-tuned: fold_0.onnx from `fold_0.onnx` (sha256 {sha}..." in card
 
 
 def test_steps_out_of_order_are_exit_2(tiny, tmp_path, capsys):

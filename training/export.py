@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from pantherseg.inference.plan import FoldWeights, Inference, Plan, save_plan, s
 from training.config import TrainingConfig
 from training.model_card import write_model_card
 from training.networks import build_network
+from training.trainer import INIT_REPORT
 
 log = logging.getLogger("pantherseg.training")
 
@@ -83,6 +86,8 @@ def _compare(
         for batch in patches:
             expected = network(torch.from_numpy(batch)).numpy()
             difference = float(np.abs(other(batch) - expected).max())
+            if not math.isfinite(difference):  # NaN compares false, so it would pass for zero
+                difference = math.inf
             worst_abs = max(worst_abs, difference)
             scale = max(1.0, float(np.abs(expected).max()))
             worst_relative = max(worst_relative, difference / scale)
@@ -94,15 +99,35 @@ def parity(network: torch.nn.Module, onnx_path: Path, patches: Sequence[np.ndarr
     return _compare(network, OnnxEngine(onnx_path, device="cpu"), patches)
 
 
+def _stored_in_float16(value: Any) -> Any:
+    """A tensor (or a module's tuple or list of them) rounded to float16 and back, overflow to
+    infinity: what half-precision storage of weights, input and layer outputs leaves."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.half().float()
+    if isinstance(value, tuple | list):
+        return type(value)(_stored_in_float16(v) for v in value)
+    return value
+
+
 def half_precision_parity(network: torch.nn.Module, patches: Sequence[np.ndarray]) -> Parity:
-    """How far the network's logits in float16 are from its float32 ones: whether a GPU may run
-    it in half precision (TensorRT fp16). Computed by PyTorch on the CPU, so the figure bounds
-    the network's sensitivity to half precision (overflow, lost normalisation statistics), not
-    one GPU's kernels."""
-    half = copy.deepcopy(network).half().eval()
+    """How far the network's logits move when its weights, its input and every module's output
+    are stored in float16 while each layer computes in float32, as half-precision GPU kernels
+    accumulate: whether a GPU may run it in half precision (TensorRT fp16). Emulated in float32
+    because PyTorch's CPU float16 convolutions are not vectorised without AVX-512 FP16 (a 3-D
+    convolution took 175 times its float32 time on an Ice Lake Xeon, and the full-size nnU-Net
+    baseline's check more than 15 minutes), and so that every layer is measurable (the CPU has no
+    float16 average pooling). The figure bounds the network's sensitivity to half precision
+    (overflow, rounding), not one GPU's kernels."""
+    half = copy.deepcopy(network).eval()
+    with torch.no_grad():
+        for tensor in (*half.parameters(), *half.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(_stored_in_float16(tensor))
+    for module in half.modules():
+        module.register_forward_hook(lambda _module, _inputs, output: _stored_in_float16(output))
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        return half(torch.from_numpy(batch).half()).float().numpy()
+        return half(_stored_in_float16(torch.from_numpy(batch))).numpy()
 
     return _compare(network, predict, patches)
 
@@ -115,23 +140,11 @@ def parity_batches(plan: Plan, real: Sequence[np.ndarray], seed: int = 0) -> lis
     return batches + [np.array(p, dtype=np.float32) for p in real]  # copies: mmaps are read-only
 
 
-def half_precision_difference(
-    network: torch.nn.Module, batches: Sequence[np.ndarray], name: str
-) -> float | None:
-    """`half_precision_parity`'s relative figure, or None where PyTorch's CPU kernels lack half
-    precision (average pooling, in residual encoders): unmeasured, so the plan keeps float32."""
-    try:
-        return half_precision_parity(network, batches).max_relative_difference
-    except NotImplementedError as error:
-        log.warning("%s: float16 not measurable on the CPU (%s); precision float32", name, error)
-        return None
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportedFold:
     weights: FoldWeights
     parity: Parity
-    half_difference: float | None  # relative float16 logit difference; None: not measurable
+    half_difference: float  # relative float16 logit difference (infinite where float16 overflows)
 
 
 def export_checked_fold(
@@ -159,7 +172,7 @@ def export_checked_fold(
             f"{found.max_relative_difference:.3g} of the largest logit "
             f"({found.max_abs_difference:.3g}), more than the tolerance {tolerance}"
         )
-    half = half_precision_difference(network, batches[-1:], path.name)
+    half = half_precision_parity(network, batches[-1:]).max_relative_difference
     return ExportedFold(FoldWeights(path.name, sha256_of(path)), found, half)
 
 
@@ -182,7 +195,7 @@ def export_record(
     """The model card's `export` section, and whether half precision is allowed on a GPU: only
     when every fold's float16 logits were measured within `fp16_tolerance`."""
     half = {fold.weights.file: fold.half_difference for fold in exported}
-    fp16 = all(v is not None and v <= fp16_tolerance for v in half.values())
+    fp16 = all(v <= fp16_tolerance for v in half.values())
     log.info(
         "half precision: %s on a GPU (tolerance %s of the logits)",
         "allowed" if fp16 else "not allowed",
@@ -236,6 +249,26 @@ def _export_folds(
     return exported
 
 
+def initialisation_record(
+    checkpoints: Sequence[Path], exported: Sequence[ExportedFold]
+) -> dict[str, dict[str, Any]]:
+    """What each fine-tuned fold started from, by exported file, from the `init.json` training
+    wrote beside its checkpoint (a fold without one started from random weights), so that the card
+    names the model a fine-tuning depends on instead of leaving it to hand-written text."""
+    record = {}
+    for checkpoint, fold in zip(checkpoints, exported, strict=True):
+        path = Path(checkpoint).parent / INIT_REPORT
+        if path.is_file():
+            report = json.loads(path.read_text(encoding="utf-8"))
+            record[fold.weights.file] = {
+                "source": report["source"],
+                "source_sha256": report.get("source_sha256", ""),  # absent before 2026-12-02
+                "loaded_tensors": len(report["matched"]),
+                "kept_initialisation": sorted(report["skipped"]),
+            }
+    return record
+
+
 def _with_folds(inference: Inference, exported: Sequence[ExportedFold], fp16: bool) -> Inference:
     return dataclasses.replace(
         inference,
@@ -285,7 +318,11 @@ def export_model(
     export, fp16 = export_record(
         exported, settings.tolerance, settings.fp16_tolerance, settings.opset
     )
-    record = {**(provenance or {}), "export": export}
+    record = {
+        **(provenance or {}),
+        "export": export,
+        "initialisation": initialisation_record(fold_checkpoints, exported),
+    }
     result = dataclasses.replace(plan, inference=_with_folds(plan.inference, exported, fp16))
     if localiser is not None and plan.localiser is not None:
         local = localiser.config.export
@@ -297,6 +334,8 @@ def export_model(
             inference=_with_folds(plan.localiser.inference, local_exported, local_fp16),
         )
         result = dataclasses.replace(result, localiser=stage)
+        local_init = initialisation_record(localiser.checkpoints, local_exported)
+        record["initialisation"].update(local_init)
     save_plan(result, model_dir)
     write_model_card(result, config, model_dir, record)
     return result

@@ -107,6 +107,7 @@ def write_model_card(
   pancreas guidance {"on" if plan.postprocessing.pancreas_guidance.enabled else "off"},
   never empty {"on" if plan.postprocessing.never_empty else "off"}.
 - Training data: {data.get("description", "see metadata.json")}.
+{_initialisation_line(without_absolute_paths(provenance.get("initialisation")))}
 {warning}
 
 ## Cross-validation (out-of-fold, challenge metrics)
@@ -123,6 +124,22 @@ for clinical decisions.
 Versions: {", ".join(f"{k} {v}" for k, v in metadata["versions"].items())}.
 """
     atomic_write_text(model_dir / CARD_FILE, card)
+
+
+def _initialisation_line(initialisation: dict[str, dict[str, Any]] | None) -> str:
+    """The card's word on where training started: which folds were fine-tuned from which file."""
+    if initialisation is None:
+        return "- Initialisation: not recorded."
+    if not initialisation:
+        return "- Initialisation: every fold from random weights."
+    folds = "; ".join(
+        f"{file} from `{start['source']}`"
+        + (f" (sha256 {start['source_sha256'][:12]}...)" if start["source_sha256"] else "")
+        + f", {start['loaded_tensors']} tensor(s) loaded, {len(start['kept_initialisation'])}"
+        " kept their initialisation"
+        for file, start in initialisation.items()
+    )
+    return f"- Fine-tuned: {folds}; the folds not named here started from random weights."
 
 
 def _cascade_section(plan: Plan, cascade: dict[str, Any] | None) -> str:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from pantherseg.inference.files import atomic_output, atomic_write_text
 from pantherseg.inference.localise import grown_box
 from pantherseg.inference.pipeline import class_probabilities
-from pantherseg.inference.plan import Plan
+from pantherseg.inference.plan import Plan, sha256_of
 from pantherseg.inference.preprocess import Box
 from pantherseg.inference.sliding_window import Predictor, sliding_window_predict
 from pantherseg.scoring import metrics
@@ -309,6 +309,7 @@ class InitReport:
     """What `load_matching_weights` took from a checkpoint."""
 
     source: str
+    source_sha256: str = ""  # identifies the file after it moves or is replaced
     matched: list[str] = field(default_factory=list)
     # network tensor -> why it kept its own initialisation
     skipped: dict[str, str] = field(default_factory=dict)
@@ -373,7 +374,7 @@ def load_matching_weights(network: torch.nn.Module, checkpoint: Path) -> InitRep
     nothing matches: that is the wrong file, not a fine-tuning."""
     source = _checkpoint_tensors(Path(checkpoint))
     own = network.state_dict()
-    report = InitReport(str(checkpoint))
+    report = InitReport(str(checkpoint), sha256_of(Path(checkpoint)))
     take = {}
     for name, tensor in own.items():
         if name not in source:
