@@ -13,8 +13,9 @@
 # task2), CONFIG (examples/demo_cpu.yaml for task1, examples/demo_cpu_task2.yaml for task2),
 # MODEL (\$WORK/model), PYTHON (.venv/bin/python), DEVICE (cpu), JOBS (all CPUs),
 # TRAIN_CASES (60), HELDOUT_CASES (40), SIZE (full; small makes tiny phantoms to try it out),
-# INIT (none for task1; models/task1 for task2: its region folds are fine-tuned from the shipped
-# Task 1 model, fold k from fold k; INIT= trains them from random weights).
+# INIT (none: random weights; an exported model folder fine-tunes region fold k from its fold k:
+# INIT=models/task1 with a Task 2 config on Task 1's grid is the fine-tuned Task 2 edition that
+# models/task2/README.md compares under "Previous editions").
 set -euo pipefail
 TASK=${TASK:-task1}
 case "$TASK" in
@@ -26,7 +27,7 @@ case "$TASK" in
     task2)
         WORK=${WORK:-out/demo-cpu-task2}
         CONFIG=${CONFIG:-examples/demo_cpu_task2.yaml}
-        INIT=${INIT-models/task1}
+        INIT=${INIT:-}
         ;;
     *)
         echo "train_demo_cpu.sh: TASK must be task1 or task2, not '$TASK'" >&2
