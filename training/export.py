@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +27,7 @@ from pantherseg.inference.plan import FoldWeights, Inference, Plan, save_plan, s
 from training.config import TrainingConfig
 from training.model_card import write_model_card
 from training.networks import build_network
-from training.trainer import INIT_REPORT
+from training.trainer import read_init_report
 
 log = logging.getLogger("pantherseg.training")
 
@@ -257,9 +256,8 @@ def initialisation_record(
     names the model a fine-tuning depends on instead of leaving it to hand-written text."""
     record = {}
     for checkpoint, fold in zip(checkpoints, exported, strict=True):
-        path = Path(checkpoint).parent / INIT_REPORT
-        if path.is_file():
-            report = json.loads(path.read_text(encoding="utf-8"))
+        report = read_init_report(Path(checkpoint).parent)
+        if report is not None:
             record[fold.weights.file] = {
                 "source": report["source"],
                 "source_sha256": report.get("source_sha256", ""),  # absent before 2026-12-02

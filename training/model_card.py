@@ -58,7 +58,8 @@ def write_model_card(
 ) -> None:
     """`README.md` for people and `metadata.json` for programs, beside the weights.
 
-    `provenance` holds `planning`, `data`, `cross_validation` and `export` where known; no
+    `provenance` holds `planning`, `data`, `cross_validation` and `export` where known, and
+    always `initialisation` (export's record of fine-tuned folds, empty when none was); no
     absolute path of the training machine reaches the shipped files."""
     cv = provenance.get("cross_validation", {})
     data = provenance.get("data", {})
@@ -107,7 +108,7 @@ def write_model_card(
   pancreas guidance {"on" if plan.postprocessing.pancreas_guidance.enabled else "off"},
   never empty {"on" if plan.postprocessing.never_empty else "off"}.
 - Training data: {data.get("description", "see metadata.json")}.
-{_initialisation_line(without_absolute_paths(provenance.get("initialisation")))}
+{_initialisation_line(without_absolute_paths(provenance["initialisation"]))}
 {warning}
 
 ## Cross-validation (out-of-fold, challenge metrics)
@@ -126,10 +127,8 @@ Versions: {", ".join(f"{k} {v}" for k, v in metadata["versions"].items())}.
     atomic_write_text(model_dir / CARD_FILE, card)
 
 
-def _initialisation_line(initialisation: dict[str, dict[str, Any]] | None) -> str:
+def _initialisation_line(initialisation: dict[str, dict[str, Any]]) -> str:
     """The card's word on where training started: which folds were fine-tuned from which file."""
-    if initialisation is None:
-        return "- Initialisation: not recorded."
     if not initialisation:
         return "- Initialisation: every fold from random weights."
     folds = "; ".join(

@@ -647,9 +647,14 @@ def _resume_from(
     if config.optim.time_limit_minutes is None or "epochs" not in state:
         state["epochs"] = config.optim.epochs  # a longer configuration continues the run
     log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
-    init_file = out_dir / INIT_REPORT
-    init_report = json.loads(init_file.read_text(encoding="utf-8")) if init_file.is_file() else None
-    return state, init_report
+    return state, read_init_report(out_dir)
+
+
+def read_init_report(fold_dir: Path) -> dict | None:
+    """The InitReport (as a dict) a fine-tuned fold's training wrote; None for a fold that
+    started from random weights."""
+    path = Path(fold_dir) / INIT_REPORT
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _start_afresh(
