@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
-from pantherseg.inference.files import atomic_write_text
+from pantherseg.inference.files import atomic_write_json
 from pantherseg.inference.plan import (
     AXIAL_PATIENT_AXES,
     PLAN_FILE,
@@ -60,7 +60,11 @@ def upgrade_plan_json(
             f"mirror axes {trained} leave out axes {sorted(set(used) - set(trained))} that the "
             "plan's inference mirrored"
         )
-    inference.update(mirror_axes=trained, test_time_mirroring=bool(used))
+    # Inference flips the axes version 1 flipped, even where training flipped more.
+    fewer = sorted(used) if used and set(used) != set(trained) else None
+    inference.update(
+        mirror_axes=trained, test_time_mirroring=bool(used), test_time_mirror_axes=fewer
+    )
     new["inference"] = inference
     return new, without_absolute_paths(old.get("training", {}))
 
@@ -86,5 +90,5 @@ def upgrade_model_dir(model_dir: Path, mirror_axes: Sequence[int] | None = None)
     sections = {k: provenance.pop(k) for k in PROVENANCE_SECTIONS if k in provenance}
     for key, value in {"planning": provenance, **sections}.items():
         metadata.setdefault(key, value)
-    atomic_write_text(metadata_path, json.dumps(without_absolute_paths(metadata), indent=2) + "\n")
+    atomic_write_json(metadata_path, without_absolute_paths(metadata))
     return save_plan(plan, model_dir)

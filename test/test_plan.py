@@ -54,6 +54,28 @@ def test_integer_json_numbers_are_accepted(model_dir):
         (lambda d: d["inference"].update(gaussian_sigma_scale=0), "gaussian_sigma_scale"),
         (lambda d: d["inference"].update(test_time_mirroring=True), "mirror_axes"),
         (lambda d: d["inference"].update(test_time_mirroring="yes"), "true or false"),
+        (
+            lambda d: d["inference"].update(mirror_axes=[1, 2], test_time_mirror_axes=[1]),
+            "test_time_mirroring is off",
+        ),
+        (
+            lambda d: d["inference"].update(
+                mirror_axes=[1, 2], test_time_mirroring=True, test_time_mirror_axes=[0]
+            ),
+            "some of the trained mirror_axes",
+        ),
+        (
+            lambda d: d["inference"].update(
+                mirror_axes=[1, 2], test_time_mirroring=True, test_time_mirror_axes=[]
+            ),
+            "some of the trained mirror_axes",
+        ),
+        (
+            lambda d: d["inference"].update(
+                mirror_axes=[1, 2], test_time_mirroring=True, test_time_mirror_axes=[2, 1]
+            ),
+            "increasing order",
+        ),
         (lambda d: d["inference"].update(precision="int8"), "precision"),
         (lambda d: d["postprocessing"].update(connectivity=8), "connectivity"),
         (

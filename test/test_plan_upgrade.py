@@ -13,6 +13,7 @@ from model_factory import threshold_model_dir
 
 import process
 from pantherseg.cli import main as pantherseg_main
+from pantherseg.inference.pipeline import mirror_axes_to_use
 from pantherseg.inference.plan import PLAN_FILE, load_plan
 
 TRAINING_V1 = {
@@ -31,7 +32,12 @@ def version_1_model(model_dir: Path, mirror_axes: list[int]) -> Path:
     plan = json.loads(path.read_text())
     plan["version"] = 1
     del plan["preprocessing"]["patient_axes_zyx"]
-    for key in ("gaussian_sigma_scale", "test_time_mirroring", "precision"):
+    for key in (
+        "gaussian_sigma_scale",
+        "test_time_mirroring",
+        "test_time_mirror_axes",
+        "precision",
+    ):
         del plan["inference"][key]
     del plan["postprocessing"]["connectivity"]
     del plan["postprocessing"]["pancreas_guidance"]["pancreas_threshold"]
@@ -86,6 +92,18 @@ def test_upgrade_keeps_inference_mirroring_and_refuses_fewer_trained_axes(tmp_pa
     assert pantherseg_main(["upgrade-plan", str(model)]) == 0
     plan = load_plan(model)
     assert plan.inference.mirror_axes == (1, 2) and plan.inference.test_time_mirroring is True
+    assert plan.inference.test_time_mirror_axes is None  # all the trained axes, as before
+
+
+def test_upgrade_keeps_the_inference_axes_when_training_flipped_more(tmp_path):
+    """Version 1 mirrored y and x at inference; training flipped z too: inference still flips
+    only y and x, and the plan says so."""
+    model = version_1_model(tmp_path / "model", [2, 1])
+    assert pantherseg_main(["upgrade-plan", str(model), "--mirror-axes", "0", "1", "2"]) == 0
+    inference = load_plan(model).inference
+    assert inference.mirror_axes == (0, 1, 2) and inference.test_time_mirror_axes == (1, 2)
+    assert mirror_axes_to_use(inference) == (1, 2)
+    assert mirror_axes_to_use(inference, "on") == (0, 1, 2)
 
 
 @pytest.mark.parametrize("path", ["/work/demo/train", "/home/user/data/x.mha"])

@@ -9,7 +9,9 @@ writes another mask.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from pantherseg.inference.plan import (
     Plan,
     Postprocessing,
     Preprocessing,
+    load_plan,
     save_plan,
     sha256_of,
 )
@@ -153,6 +156,31 @@ def test_mirroring_follows_the_plan_and_the_flag(case, tmp_path):
     assert (on != off).any(), "this network must be mirror-sensitive for the test to mean much"
     np.testing.assert_array_equal(run_process(case, tmp_path / "plan"), on)  # the plan says on
     np.testing.assert_array_equal(run_process(case, tmp_path / "off", "--mirroring", "off"), off)
+
+
+def test_the_plan_may_mirror_fewer_axes_than_training_did(case, tmp_path, caplog):
+    """A plan whose test-time mirroring names fewer axes flips only those (`--mirroring on`
+    still flips every trained one): the network is symmetric in z and y, so flipping those alone
+    gives the unmirrored mask, and flipping x alone the fully mirrored one."""
+    model, input_dir, _, _ = case
+    on, off = direct(case, "on"), direct(case, "off")
+    for axes, expected in (((0, 1), off), ((2,), on)):
+        fewer = tmp_path / f"axes_{''.join(map(str, axes))}"
+        shutil.copytree(model, fewer)
+        plan = load_plan(fewer)
+        save_plan(
+            dataclasses.replace(
+                plan, inference=dataclasses.replace(plan.inference, test_time_mirror_axes=axes)
+            ),
+            fewer,
+        )
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pantherseg"):
+            mask = run_process((fewer, input_dir, None, None), fewer / "run")
+        np.testing.assert_array_equal(mask, expected)
+        assert f"mirroring axes {list(axes)}" in caplog.text
+        forced = run_process((fewer, input_dir, None, None), fewer / "on", "--mirroring", "on")
+        np.testing.assert_array_equal(forced, on)
 
 
 def test_the_far_blob_is_a_tumor_without_guidance(case):

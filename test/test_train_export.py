@@ -106,8 +106,9 @@ def test_emulated_half_precision_tracks_pytorchs_float16(tiny):
 
 def test_half_precision_overflow_is_infinite_and_keeps_float32(tiny, tmp_path):
     """A first convolution beyond float16's 65504 (its normalisation brings float32 back to
-    scale) turns into infinities and NaN logits in float16: the figure is infinite (a NaN
-    difference must not pass for zero) and the plan keeps float32 at any tolerance."""
+        scale) turns into infinities and NaN logits in float16: the figure is infinite (a NaN
+        difference must not pass for zero), the plan keeps float32 at any tolerance, and
+    metadata.json records it as null."""
     torch.manual_seed(0)
     network = build_network(tiny.config.network, tiny.plan).eval()
     first = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))
@@ -120,6 +121,10 @@ def test_half_precision_overflow_is_infinite_and_keeps_float32(tiny, tmp_path):
     config = tiny_config(export={"fp16_tolerance": 1e9})
     exported = export_model([path], config, tiny.plan, tmp_path / "model")
     assert exported.inference.precision == "float32"
+    # metadata.json stays strict JSON, which has no Infinity: the figure is null there.
+    text = (tmp_path / "model" / "metadata.json").read_text(encoding="utf-8")
+    metadata = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert metadata["export"]["float16_max_relative_difference"] == {"fold_0.onnx": None}
 
 
 def test_failed_parity_leaves_no_onnx_file_and_no_plan(tiny, tmp_path, monkeypatch):

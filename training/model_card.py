@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import pantherseg
-from pantherseg.inference.files import atomic_write_text
+from pantherseg.inference.files import atomic_write_json, atomic_write_text
 from pantherseg.inference.plan import Plan, all_folds
 from pantherseg.plan_upgrade import without_absolute_paths
 from pantherseg.scoring.metrics import CASE_MEAN_METRICS
@@ -79,7 +79,7 @@ def write_model_card(
         "intended_use": "research on pancreatic tumor segmentation in the PANTHER challenge; "
         "not a medical device",
     }
-    atomic_write_text(model_dir / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+    atomic_write_json(model_dir / METADATA_FILE, metadata)
     aggregates = cv.get("aggregates", {})
     rows = "\n".join(
         f"| {name} | {_format(value)} |"
@@ -273,4 +273,4 @@ def record_evaluation(model_dir: Path, summary_path: Path, title: str, note: str
         "by_tumor_volume": {m: r.get("by_tumor_volume", {}) for m, r in summary["methods"].items()},
     }
     atomic_write_text(card_path, card)
-    atomic_write_text(metadata_path, json.dumps(metadata, indent=2) + "\n")
+    atomic_write_json(metadata_path, metadata)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pantherseg.inference.files import atomic_write_text
+from pantherseg.inference.files import atomic_write_json, atomic_write_text
 from pantherseg.inference.plan import (
     OUTPUT_SOCKET,
     PLAN_FILE,
@@ -501,7 +501,7 @@ def _write_model_card(plan: Plan, out: Path, source: dict[str, Any], export: dic
             "not a medical device",
         }
     )
-    atomic_write_text(out / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+    atomic_write_json(out / METADATA_FILE, metadata)
     inference, post = plan.inference, plan.postprocessing
     decision = "argmax" if post.decision == "argmax" else f"tumor probability >= {post.threshold}"
     differences = list(export["float16_max_relative_difference"].values())

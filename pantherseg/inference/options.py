@@ -29,7 +29,7 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
         "--mirroring",
         choices=MIRRORING_CHOICES,
         default="plan",
-        help="test-time mirroring over the trained axes: as the plan says (default), on or off",
+        help="test-time mirroring: as the plan says (default), on (over every trained axis) or off",
     )
 
 

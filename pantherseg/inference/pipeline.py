@@ -138,8 +138,9 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 def mirror_axes_to_use(inference: Inference, mirroring: str = "plan") -> tuple[int, ...]:
-    """The axes test-time mirroring flips: the trained ones when the plan (by default) or the
-    user asks for mirroring; asking for it from a network trained without flips is an error."""
+    """The axes test-time mirroring flips: by the plan (the default), its test-time axes (all
+    the trained ones unless it names fewer); "on", every trained axis; "off", none. Asking for
+    mirroring from a network trained without flips is an error."""
     if mirroring not in MIRRORING_CHOICES:
         raise ValueError(f"mirroring must be one of {MIRRORING_CHOICES}, got {mirroring!r}")
     wanted = inference.test_time_mirroring if mirroring == "plan" else mirroring == "on"
@@ -148,7 +149,11 @@ def mirror_axes_to_use(inference: Inference, mirroring: str = "plan") -> tuple[i
             "test-time mirroring was asked for, but the plan lists no axes the network was "
             "trained to mirror (inference.mirror_axes)"
         )
-    return tuple(inference.mirror_axes) if wanted else ()
+    if not wanted:
+        return ()
+    if mirroring == "plan" and inference.test_time_mirror_axes is not None:
+        return tuple(inference.test_time_mirror_axes)
+    return tuple(inference.mirror_axes)
 
 
 class NetworkStage:

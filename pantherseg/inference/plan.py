@@ -110,8 +110,10 @@ class FoldWeights:
 @dataclass(frozen=True)
 class Inference:
     """`mirror_axes` are the axes training mirrored, the only ones test-time mirroring may flip;
-    `test_time_mirroring` says whether inference does by default (cross-validation measures it).
-    Tiles are blended by a Gaussian of sigma = patch * `gaussian_sigma_scale`."""
+    `test_time_mirroring` says whether inference does by default (cross-validation measures it),
+    over `test_time_mirror_axes` when the plan names some of them (2**n passes per tile: fewer
+    axes, less time), else over all. Tiles are blended by a Gaussian of sigma = patch *
+    `gaussian_sigma_scale`."""
 
     patch_size_zyx: tuple[int, int, int]
     folds: tuple[FoldWeights, ...]
@@ -119,6 +121,7 @@ class Inference:
     gaussian_sigma_scale: float = 0.125
     mirror_axes: tuple[int, ...] = ()
     test_time_mirroring: bool = False
+    test_time_mirror_axes: tuple[int, ...] | None = None
     batch_size: int = 2
     activation: str = "sigmoid"
     classes: tuple[str, ...] = ("tumor",)
@@ -290,6 +293,17 @@ def _inference_from(inf: dict, where: Path, require_folds: bool) -> Inference:
         where,
         "mirror_axes must be distinct axes among 0, 1, 2",
     )
+    test_time_axes = inf.get("test_time_mirror_axes")
+    if test_time_axes is not None:
+        test_time_axes = _tuple_of(test_time_axes, int, None, where, "test_time_mirror_axes")
+        _require(
+            bool(test_time_axes)
+            and set(test_time_axes) <= set(mirror)
+            and list(test_time_axes) == sorted(set(test_time_axes)),
+            where,
+            f"test_time_mirror_axes must be some of the trained mirror_axes {list(mirror)}, "
+            "distinct and in increasing order (null: all of them)",
+        )
     classes = _tuple_of(inf.get("classes", ["tumor"]), str, None, where, "classes")
     inference = _build(
         Inference,
@@ -299,6 +313,7 @@ def _inference_from(inf: dict, where: Path, require_folds: bool) -> Inference:
         patch_size_zyx=patch,
         folds=folds,
         mirror_axes=mirror,
+        test_time_mirror_axes=test_time_axes,
         classes=classes,
     )
     _require(0 < inference.tile_step <= 1, where, "tile_step must be in (0, 1]")
@@ -316,6 +331,11 @@ def _inference_from(inf: dict, where: Path, require_folds: bool) -> Inference:
         not inference.test_time_mirroring or bool(mirror),
         where,
         "test_time_mirroring needs the mirror_axes the network was trained with",
+    )
+    _require(
+        inference.test_time_mirroring or test_time_axes is None,
+        where,
+        "test_time_mirror_axes are set, but test_time_mirroring is off",
     )
     _require(inference.precision in PRECISIONS, where, f"precision must be one of {PRECISIONS}")
     _require(inference.stitching in STITCHINGS, where, f"stitching must be one of {STITCHINGS}")
