@@ -119,6 +119,7 @@ def test_a_bad_image_among_good_ones_leaves_no_mask_of_its_own(tmp_path, model_d
         [],
         ["--device", "cpu", "--threads", "1", "--cpu-engine", "onnxruntime", "--mirroring", "off"],
         ["--device", "cuda", "--cpu-engine", "openvino", "--mirroring", "on"],
+        ["--mirroring", "yx"],
     ],
 )
 def test_process_and_predict_read_the_inference_options_alike(options):
@@ -128,6 +129,18 @@ def test_process_and_predict_read_the_inference_options_alike(options):
     command_line = build_parser().parse_args(["predict", "x.mha", "-o", "out", *options])
     for name in ("device", "threads", "cpu_engine", "mirroring"):
         assert getattr(container, name) == getattr(command_line, name), name
+
+
+@pytest.mark.parametrize("value", ["xx", "xw", "", "all"])
+def test_a_mirroring_that_names_no_axes_is_refused_by_both_entry_points(value, capsys):
+    for parse in (
+        lambda: process.parse_args(["--mirroring", value]),
+        lambda: build_parser().parse_args(["predict", "x.mha", "-o", "o", "--mirroring", value]),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            parse()
+        assert exited.value.code == 2
+        assert "distinct axis letters among z, y, x" in capsys.readouterr().err
 
 
 def test_an_unknown_cpu_engine_is_refused_by_both_entry_points(capsys):

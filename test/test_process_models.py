@@ -158,6 +158,15 @@ def test_mirroring_follows_the_plan_and_the_flag(case, tmp_path):
     np.testing.assert_array_equal(run_process(case, tmp_path / "off", "--mirroring", "off"), off)
 
 
+def changed_model(model: Path, folder: Path, **inference_changes) -> Path:
+    """A copy of the model whose plan's inference section has these changes."""
+    shutil.copytree(model, folder)
+    plan = load_plan(folder)
+    inference = dataclasses.replace(plan.inference, **inference_changes)
+    save_plan(dataclasses.replace(plan, inference=inference), folder)
+    return folder
+
+
 def test_the_plan_may_mirror_fewer_axes_than_training_did(case, tmp_path, caplog):
     """A plan whose test-time mirroring names fewer axes flips only those (`--mirroring on`
     still flips every trained one): the network is symmetric in z and y, so flipping those alone
@@ -165,14 +174,8 @@ def test_the_plan_may_mirror_fewer_axes_than_training_did(case, tmp_path, caplog
     model, input_dir, _, _ = case
     on, off = direct(case, "on"), direct(case, "off")
     for axes, expected in (((0, 1), off), ((2,), on)):
-        fewer = tmp_path / f"axes_{''.join(map(str, axes))}"
-        shutil.copytree(model, fewer)
-        plan = load_plan(fewer)
-        save_plan(
-            dataclasses.replace(
-                plan, inference=dataclasses.replace(plan.inference, test_time_mirror_axes=axes)
-            ),
-            fewer,
+        fewer = changed_model(
+            model, tmp_path / f"axes_{''.join(map(str, axes))}", test_time_mirror_axes=axes
         )
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="pantherseg"):
@@ -181,6 +184,23 @@ def test_the_plan_may_mirror_fewer_axes_than_training_did(case, tmp_path, caplog
         assert f"mirroring axes {list(axes)}" in caplog.text
         forced = run_process((fewer, input_dir, None, None), fewer / "on", "--mirroring", "on")
         np.testing.assert_array_equal(forced, on)
+
+
+def test_mirroring_over_axes_named_by_letters(case, tmp_path, capsys):
+    """`--mirroring x` flips x alone (the fully mirrored mask: the network is symmetric in z and
+    y), `--mirroring zy` z and y (the unmirrored one); axes training did not flip are refused
+    with the reason, and nothing is written."""
+    on, off = direct(case, "on"), direct(case, "off")
+    np.testing.assert_array_equal(run_process(case, tmp_path / "x", "--mirroring", "x"), on)
+    np.testing.assert_array_equal(run_process(case, tmp_path / "zy", "--mirroring", "zy"), off)
+    model, input_dir, _, _ = case
+    narrow = changed_model(model, tmp_path / "narrow", mirror_axes=(1, 2))
+    argv = ["--input", str(input_dir), "--output", str(tmp_path / "out"), "--model", str(narrow)]
+    capsys.readouterr()
+    assert process.main([*argv, "--device", "cpu", "--mirroring", "zx"]) == 1
+    err = capsys.readouterr().err
+    assert "over zx was asked for" in err and "only the axes yx" in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.mha"))
 
 
 def test_the_far_blob_is_a_tumor_without_guidance(case):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pantherseg.inference.engines import CPU_ENGINES
-from pantherseg.inference.plan import MIRRORING_CHOICES
+from pantherseg.inference.plan import MIRRORING_CHOICES, mirroring_letters_axes
 
 if TYPE_CHECKING:
     from pantherseg.inference.pipeline import Segmenter
@@ -27,10 +27,20 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mirroring",
-        choices=MIRRORING_CHOICES,
+        type=_mirroring,
         default="plan",
-        help="test-time mirroring: as the plan says (default), on (over every trained axis) or off",
+        help="test-time mirroring: as the plan says (default), on (over every trained axis), off, "
+        "or over the trained axes named by letters (z, y, x; e.g. yx: 4 passes instead of 8)",
     )
+
+
+def _mirroring(value: str) -> str:
+    if value not in MIRRORING_CHOICES:
+        try:
+            mirroring_letters_axes(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def load_segmenter(model_dir: Path, args: argparse.Namespace) -> Segmenter:

@@ -22,6 +22,7 @@ from pantherseg.inference.half_precision import add_in_float16, round_to_float16
 from pantherseg.inference.io import check_inference_image, read_image, write_mask
 from pantherseg.inference.localise import Localisation, grown_box, locate_foreground
 from pantherseg.inference.plan import (
+    AXIS_LETTERS,
     MIRRORING_CHOICES,
     Inference,
     Localiser,
@@ -29,6 +30,7 @@ from pantherseg.inference.plan import (
     Preprocessing,
     fold_paths,
     load_plan,
+    mirroring_letters_axes,
 )
 from pantherseg.inference.postprocess import PostprocessReport, postprocess
 from pantherseg.inference.preprocess import (
@@ -139,10 +141,18 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 def mirror_axes_to_use(inference: Inference, mirroring: str = "plan") -> tuple[int, ...]:
     """The axes test-time mirroring flips: by the plan (the default), its test-time axes (all
-    the trained ones unless it names fewer); "on", every trained axis; "off", none. Asking for
-    mirroring from a network trained without flips is an error."""
+    the trained ones unless it names fewer); "on", every trained axis; "off", none; axis letters
+    ("yx"), those axes, which training must have flipped. Asking for mirroring from a network
+    trained without flips is an error."""
     if mirroring not in MIRRORING_CHOICES:
-        raise ValueError(f"mirroring must be one of {MIRRORING_CHOICES}, got {mirroring!r}")
+        axes = mirroring_letters_axes(mirroring)
+        if not set(axes) <= set(inference.mirror_axes):
+            trained = "".join(AXIS_LETTERS[a] for a in inference.mirror_axes) or "none"
+            raise ValueError(
+                f"test-time mirroring over {mirroring} was asked for, but the network was trained "
+                f"to mirror only the axes {trained} (inference.mirror_axes)"
+            )
+        return axes
     wanted = inference.test_time_mirroring if mirroring == "plan" else mirroring == "on"
     if wanted and not inference.mirror_axes:
         raise ValueError(

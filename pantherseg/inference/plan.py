@@ -38,8 +38,10 @@ KNOWN_CLASSES = ("background", "tumor", "pancreas")
 # only after checking that the network's half-precision logits match its float32 ones.
 PRECISIONS = ("float32", "float16")
 CONNECTIVITIES = (6, 18, 26)
-# How a run chooses test-time mirroring: as the plan says, or forced on or off.
+# How a run chooses test-time mirroring: as the plan says, forced on or off, or over the axes a
+# word of axis letters names ("x", "yx": see `mirroring_letters_axes`).
 MIRRORING_CHOICES = ("plan", "on", "off")
+AXIS_LETTERS = "zyx"
 # How tiles are placed, weighted and summed: this project's way, or nnU-Net v2's exactly (for
 # imported nnU-Net models, whose masks must match nnU-Net's own predictor).
 STITCHINGS = ("pantherseg", "nnunet")
@@ -51,6 +53,17 @@ RESTORES = ("probabilities", "logits")
 DECISIONS = ("threshold", "argmax")
 # Patient axes in ITK's LPS order: 0 left-right, 1 posterior-anterior, 2 inferior-superior.
 AXIAL_PATIENT_AXES = (2, 1, 0)
+
+
+def mirroring_letters_axes(value: str) -> tuple[int, ...]:
+    """The array axes (z=0, y=1, x=2), in increasing order, that a mirroring choice such as "yx"
+    names; a ValueError for anything else that is not one of MIRRORING_CHOICES."""
+    if not value or set(value) - set(AXIS_LETTERS) or len(set(value)) != len(value):
+        raise ValueError(
+            f"mirroring must be one of {', '.join(MIRRORING_CHOICES)} or distinct axis letters "
+            f"among z, y, x (such as yx), got {value!r}"
+        )
+    return tuple(sorted(AXIS_LETTERS.index(letter) for letter in value))
 
 
 class PlanError(ValueError):
