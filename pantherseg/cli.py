@@ -1,5 +1,5 @@
 """The `pantherseg` command: `synth` makes phantoms, `predict` segments, `evaluate` scores,
-`upgrade-plan` converts an older model's plan.
+`choose-mirroring` measures test-time mirroring, `upgrade-plan` converts an older model's plan.
 
 Each subcommand turns an expected failure (bad input, unreadable file) into one line on stderr and
 exit status 2; anything else is a bug and keeps its traceback.
@@ -14,7 +14,11 @@ from pathlib import Path
 
 from pantherseg import __version__
 from pantherseg.inference.io import ImageError
-from pantherseg.inference.options import add_inference_options, load_segmenter
+from pantherseg.inference.options import (
+    add_engine_options,
+    add_inference_options,
+    load_segmenter,
+)
 
 
 def _add_synth(subparsers: argparse._SubParsersAction) -> None:
@@ -229,6 +233,69 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _add_choose_mirroring(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "choose-mirroring",
+        help="measure which axes test-time mirroring should flip, on labelled tuning cases",
+        description="Segments the tuning cases with every set of the trained mirror axes (the "
+        "network runs once per distinct flipped tile), scores them, and chooses by fixed rules: "
+        "mirroring goes on if all axes raise mean Dice by --min-gain with HD95 at most "
+        "--hd95-slack mm worse; then the set with the fewest passes within --tolerance Dice and "
+        "--hd95-slack mm of all axes, finding as many tumors of 2 mL or more, with no more "
+        "fallbacks. Writes choice.json, choice.md (the table) and the masks to OUT; resumes.",
+    )
+    p.add_argument("model", type=Path, help="model folder holding plan.json")
+    p.add_argument(
+        "tuning", type=Path, help="labelled cases (ImagesTr/, LabelsTr/) no other choice used"
+    )
+    p.add_argument("-o", "--out", type=Path, required=True, help="folder for the results")
+    p.add_argument("--cases", type=int, help="only the first CASES cases (by case id)")
+    p.add_argument(
+        "--apply", action="store_true", help="write the choice into the model's plan.json"
+    )
+    # The rule's defaults live in mirror_choice.Rule, imported only when the command runs.
+    p.add_argument("--min-gain", type=float, help="Dice gain that turns mirroring on (0.005)")
+    p.add_argument("--tolerance", type=float, help="Dice below all axes' a set may be (0.002)")
+    p.add_argument("--hd95-slack", type=float, help="HD95 worse in mm a set may be (0.5)")
+    add_engine_options(p)
+    p.set_defaults(run=_run_choose_mirroring)
+
+
+def _run_choose_mirroring(args: argparse.Namespace) -> int:
+    import logging
+
+    from pantherseg import mirror_choice
+    from pantherseg.mirror_choice import TABLE_FILE, Rule, choose_mirroring
+
+    # Its own lines and the progress bar; not each of the eight segmentations' lines per case.
+    logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+    logging.getLogger(mirror_choice.__name__).setLevel(logging.INFO)
+    if args.cases is not None and args.cases < 1:
+        raise ValueError(f"--cases must be at least 1, got {args.cases}")
+    given = {
+        "min_gain": args.min_gain,
+        "tolerance": args.tolerance,
+        "hd95_slack_mm": args.hd95_slack,
+    }
+    rule = Rule(**{name: value for name, value in given.items() if value is not None})
+    chosen, _ = choose_mirroring(
+        args.model,
+        args.tuning,
+        args.out,
+        rule,
+        limit=args.cases,
+        apply=args.apply,
+        device=args.device,
+        threads=args.threads,
+        cpu_engine=args.cpu_engine,
+    )
+    print((args.out / TABLE_FILE).read_text(), end="")
+    choice = f"mirroring over {chosen} ({2 ** len(chosen)} passes)" if chosen else "no mirroring"
+    where = f"written into {args.model / 'plan.json'}" if args.apply else "plan.json unchanged"
+    print(f"chosen: {choice}; {where}")
+    return 0
+
+
 def _add_upgrade_plan(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "upgrade-plan",
@@ -263,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(subparsers)
     _add_evaluate(subparsers)
     _add_predict(subparsers)
+    _add_choose_mirroring(subparsers)
     _add_upgrade_plan(subparsers)
     return parser
 

@@ -19,6 +19,7 @@ from typing import Any
 from pantherseg.inference.files import atomic_write_json
 from pantherseg.inference.plan import (
     AXIAL_PATIENT_AXES,
+    METADATA_FILE,
     PLAN_FILE,
     PLAN_FORMAT,
     PLAN_VERSION,
@@ -27,7 +28,6 @@ from pantherseg.inference.plan import (
     save_plan,
 )
 
-METADATA_FILE = "metadata.json"
 # Sections of version 1's `training` that keep their names in metadata.json; the rest of it (the
 # planner's figures) becomes `planning`. Sections the metadata already has are kept as they are.
 PROVENANCE_SECTIONS = ("data", "cross_validation", "export")

@@ -22,14 +22,13 @@ import torch
 
 import pantherseg
 from pantherseg.inference.files import atomic_write_json, atomic_write_text
-from pantherseg.inference.plan import Plan, all_folds
+from pantherseg.inference.plan import METADATA_FILE, Plan, all_folds
 from pantherseg.plan_upgrade import without_absolute_paths
 from pantherseg.scoring.metrics import CASE_MEAN_METRICS
 from training.config import TrainingConfig
 from training.records import MIRRORED_PREFIX
 
 CARD_FILE = "README.md"
-METADATA_FILE = "metadata.json"
 INTENDED_USE_HEADING = "## Intended use"
 # A recorded evaluation lies between these two lines of its section; recording it again replaces
 # only them and what lies between, so paragraphs written by hand after the end marker survive.

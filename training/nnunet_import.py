@@ -30,6 +30,7 @@ import torch
 
 from pantherseg.inference.files import atomic_write_json, atomic_write_text
 from pantherseg.inference.plan import (
+    METADATA_FILE,
     OUTPUT_SOCKET,
     PLAN_FILE,
     Inference,
@@ -51,7 +52,7 @@ from training.export import (
     parity_batches,
     removed_on_failure,
 )
-from training.model_card import CARD_FILE, INTENDED_USE_HEADING, METADATA_FILE, _versions
+from training.model_card import CARD_FILE, INTENDED_USE_HEADING, _versions
 
 log = logging.getLogger("pantherseg.training")
 

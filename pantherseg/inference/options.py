@@ -16,6 +16,18 @@ if TYPE_CHECKING:
 
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
     """Where and how the network runs: --device, --threads, --cpu-engine, --mirroring."""
+    add_engine_options(parser)
+    parser.add_argument(
+        "--mirroring",
+        type=_mirroring,
+        default="plan",
+        help="test-time mirroring: as the plan says (default), on (over every trained axis), off, "
+        "or over the trained axes named by letters (z, y, x; e.g. yx: 4 passes instead of 8)",
+    )
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Where the network runs: --device, --threads, --cpu-engine."""
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
     parser.add_argument(
@@ -24,13 +36,6 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="what runs the network on the CPU: OpenVINO when installed (auto, the default; "
         "faster), openvino, or onnxruntime",
-    )
-    parser.add_argument(
-        "--mirroring",
-        type=_mirroring,
-        default="plan",
-        help="test-time mirroring: as the plan says (default), on (over every trained axis), off, "
-        "or over the trained axes named by letters (z, y, x; e.g. yx: 4 passes instead of 8)",
     )
 
 

@@ -290,27 +290,12 @@ class Segmenter:
     ) -> Segmenter:
         """Loads and checks the plan and every fold's ONNX weights (on the CPU in `cpu_engine`,
         see `engines.load_engine`)."""
-        from pantherseg.inference.engines import load_engine
-
         plan = load_plan(model_dir)
-        stages = [plan.inference] + ([plan.localiser.inference] if plan.localiser else [])
-        engines: list[list[Engine]] = []
-        for inference in stages:
-            half = inference.precision == "float16"
-            paths = fold_paths(inference, model_dir)
-            loaded = [
-                load_engine(path, device, threads, allow_fp16=half, cpu_engine=cpu_engine)
-                for path in paths
-            ]
-            for engine, path in zip(loaded, paths, strict=True):
-                _check_engine(engine, path, inference)
-            engines.append(loaded)
-        providers = sorted({engine.provider for stage in engines for engine in stage})
-        description = f"{len(engines[0])} fold(s) from {model_dir} on {', '.join(providers)}"
+        engines = load_fold_engines(plan, model_dir, device, threads, cpu_engine)
         return cls(
             plan,
             engines[0],
-            description,
+            describe_engines(engines, model_dir),
             on_gpu=any(engine.on_gpu for stage in engines for engine in stage),
             mirroring=mirroring,
             localiser_folds=engines[1] if len(engines) > 1 else (),
@@ -444,6 +429,38 @@ def locate(
         core = grid_box_to_input(*found.box, record)
         box = grown_box(core, spacing_zyx, localiser.margin_mm, image.shape)
         return dataclasses.replace(found, box=box, core=core)
+
+
+def load_fold_engines(
+    plan: Plan,
+    model_dir: Path,
+    device: str = "auto",
+    threads: int | None = None,
+    cpu_engine: str = "auto",
+) -> list[list[Engine]]:
+    """Every fold's network, checked against the plan: the main stage's, then the localiser's
+    when the model has two stages."""
+    from pantherseg.inference.engines import load_engine
+
+    stages = [plan.inference] + ([plan.localiser.inference] if plan.localiser else [])
+    engines: list[list[Engine]] = []
+    for inference in stages:
+        half = inference.precision == "float16"
+        paths = fold_paths(inference, model_dir)
+        loaded = [
+            load_engine(path, device, threads, allow_fp16=half, cpu_engine=cpu_engine)
+            for path in paths
+        ]
+        for engine, path in zip(loaded, paths, strict=True):
+            _check_engine(engine, path, inference)
+        engines.append(loaded)
+    return engines
+
+
+def describe_engines(engines: Sequence[Sequence[Engine]], model_dir: Path) -> str:
+    """How many folds, from where, on which providers: the log's first line about a model."""
+    providers = sorted({engine.provider for stage in engines for engine in stage})
+    return f"{len(engines[0])} fold(s) from {model_dir} on {', '.join(providers)}"
 
 
 def _check_engine(engine: Engine, path: Path, inference: Inference) -> None:

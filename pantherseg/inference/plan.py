@@ -26,6 +26,9 @@ PLAN_FORMAT = "pantherseg-plan"
 PLAN_VERSION = 2
 UPGRADE_HINT = "convert it with `pantherseg upgrade-plan {folder}`"
 PLAN_FILE = "plan.json"
+# Beside the plan: the model card's file for programs (provenance, evaluations), never read by
+# inference.
+METADATA_FILE = "metadata.json"
 TASK_SOCKETS = {"task1": "abdominal-t1-mri", "task2": "abdominal-t2-mri"}
 OUTPUT_SOCKET = "pancreatic-tumor-segmentation"
 # "none" passes intensities through as float32 (nnU-Net's NoNormalization).
