@@ -38,7 +38,15 @@ from pantherseg.inference.io import (
     read_image,
     write_mask,
 )
-from pantherseg.inference.plan import AXIS_LETTERS, METADATA_FILE, Plan, load_plan, save_plan
+from pantherseg.inference.plan import (
+    AXIS_LETTERS,
+    CARD_FILE,
+    METADATA_FILE,
+    Plan,
+    describe_test_time_mirroring,
+    load_plan,
+    save_plan,
+)
 from pantherseg.inference.sliding_window import Predictor, averaged
 from pantherseg.scoring.evaluate import EvaluationError, match_predictions, score_pair
 
@@ -48,6 +56,8 @@ CASES_FILE = "cases.jsonl"
 log = logging.getLogger(__name__)
 CHOICE_FILE = "choice.json"
 TABLE_FILE = "choice.md"
+# The model card's line that states the plan's test-time mirroring; --apply rewrites it.
+MIRRORING_LINE_PREFIX = "- Test-time mirroring: "
 
 
 @dataclass(frozen=True)
@@ -307,9 +317,16 @@ def choose_mirroring(
     atomic_write_json(out / CHOICE_FILE, record)
     atomic_write_text(out / TABLE_FILE, format_table(scores, chosen, len(cases)))
     if apply:
-        save_plan(applied(plan, chosen), model_dir)
+        new_plan = applied(plan, chosen)
+        save_plan(new_plan, model_dir)
         _record_in_metadata(model_dir, record)
+        _record_in_card(model_dir, new_plan, record)
     return chosen, scores
+
+
+def mirroring_line(plan: Plan, reason: str) -> str:
+    """The model card's line for the plan's test-time mirroring and why it is what it is."""
+    return f"{MIRRORING_LINE_PREFIX}{describe_test_time_mirroring(plan.inference)} ({reason})."
 
 
 def _record_in_metadata(model_dir: Path, record: dict) -> None:
@@ -320,6 +337,31 @@ def _record_in_metadata(model_dir: Path, record: dict) -> None:
         metadata = json.loads(path.read_text(encoding="utf-8"))
         metadata["test_time_mirroring_choice"] = record
         atomic_write_json(path, metadata)
+
+
+def _record_in_card(model_dir: Path, plan: Plan, record: dict) -> None:
+    """Rewrites the card's test-time mirroring line, so that the card states what the plan now
+    does; a card without that line (written by hand, or by an older export) is left as it is."""
+    path = model_dir / CARD_FILE
+    if not path.exists():
+        return
+    reason = (
+        f"chosen by `pantherseg choose-mirroring` on {record['cases']} tuning cases "
+        f"({record['tuning']}); metadata.json holds every axis set's scores"
+    )
+    lines = path.read_text(encoding="utf-8").split("\n")
+    at = [i for i, line in enumerate(lines) if line.startswith(MIRRORING_LINE_PREFIX)]
+    if len(at) != 1:
+        log.warning(
+            "%s has %s line starting '%s': state the choice there by hand",
+            path,
+            "no" if not at else "more than one",
+            MIRRORING_LINE_PREFIX.strip(),
+        )
+        return
+    lines[at[0]] = mirroring_line(plan, reason)
+    atomic_write_text(path, "\n".join(lines))
+    log.info("%s: its test-time mirroring line now reads the choice", path)
 
 
 def _read_records(path: Path, sets: Sequence[str]) -> list[dict]:

@@ -154,11 +154,13 @@ def test_every_axis_set_gives_the_mask_of_its_letters_at_the_cost_of_all_axes(
 
 
 def test_the_command_resumes_prints_the_table_and_applies_the_choice(
-    model_and_tuning, tmp_path, capsys
+    model_and_tuning, tmp_path, capsys, caplog
 ):
     model, tuning = model_and_tuning
     own = shutil.copytree(model, tmp_path / "model")
     (own / "metadata.json").write_text('{"data": {"synthetic": true}}\n')
+    card = "# card\n\n- Test-time mirroring: off (not measured by cross-validation).\n- Data: x\n"
+    (own / "README.md").write_text(card)
     out = tmp_path / "out"
     argv = ["choose-mirroring", str(own), str(tuning), "-o", str(out), "--device", "cpu"]
     assert cli.main([*argv, "--cases", "2"]) == 0
@@ -188,10 +190,27 @@ def test_the_command_resumes_prints_the_table_and_applies_the_choice(
     assert metadata["data"] == {"synthetic": True}  # kept
     assert metadata["test_time_mirroring_choice"]["chosen"] == best["axes"]
     assert metadata["test_time_mirroring_choice"]["cases"] == 3
+    # The card states what the plan now does, and why; its other lines stay.
+    letters = " and ".join(best["axes"])
+    reason = "chosen by `pantherseg choose-mirroring` on 3 tuning cases (tuning)"
+    assert (
+        card.replace(
+            "off (not measured by cross-validation)",
+            f"on over {letters}, 2 passes per tile ({reason}; metadata.json holds every axis set's "
+            "scores)",
+        )
+        == (own / "README.md").read_text()
+    )
     # A rule no mirroring can pass turns it off in the plan.
     assert cli.main([*argv, "--apply", "--min-gain", "1"]) == 0
     assert "chosen: no mirroring" in capsys.readouterr().out
     assert not load_plan(own).inference.test_time_mirroring
+    assert f"\n- Test-time mirroring: off ({reason};" in (own / "README.md").read_text()
+    # A card without the line (written by hand) is left alone, with a word saying so.
+    (own / "README.md").write_text("# card written by hand\n")
+    assert cli.main([*argv, "--apply"]) == 0
+    assert "no line starting '- Test-time mirroring:'" in caplog.text
+    assert (own / "README.md").read_text() == "# card written by hand\n"
 
 
 def score(axes: str, dice: float, hd95: float = 5.0, found: int = 9, fallbacks: int = 0):

@@ -7,7 +7,15 @@ import json
 import pytest
 from model_factory import threshold_model_dir
 
-from pantherseg.inference.plan import PLAN_FILE, PlanError, load_plan, save_plan
+from pantherseg.inference.plan import (
+    PLAN_FILE,
+    Inference,
+    PlanError,
+    describe_test_time_mirroring,
+    load_plan,
+    planned_test_time_axes,
+    save_plan,
+)
 
 
 @pytest.fixture
@@ -37,6 +45,23 @@ def test_round_trip_keeps_every_setting(model_dir):
     assert plan.postprocessing.pancreas_guidance.pancreas_threshold == 0.5
     save_plan(plan, model_dir)
     assert load_plan(model_dir) == plan
+
+
+@pytest.mark.parametrize(
+    ("on", "subset", "axes", "words"),
+    [
+        (False, None, (), "off"),
+        (True, None, (0, 1, 2), "on over z, y and x, 8 passes per tile"),
+        (True, (0, 2), (0, 2), "on over z and x, 4 passes per tile"),
+        (True, (1,), (1,), "on over y, 2 passes per tile"),
+    ],
+)
+def test_the_plans_test_time_mirroring_in_axes_and_words(on, subset, axes, words):
+    inference = Inference(
+        (8, 16, 16), (), mirror_axes=(0, 1, 2), test_time_mirroring=on, test_time_mirror_axes=subset
+    )
+    assert planned_test_time_axes(inference) == axes
+    assert describe_test_time_mirroring(inference) == words
 
 
 def test_integer_json_numbers_are_accepted(model_dir):

@@ -14,7 +14,13 @@ from training_fixtures import tiny_config, tiny_setup  # noqa: F401  (the `tiny`
 import training.export as export_module
 from pantherseg.inference.io import check_inference_image, read_image
 from pantherseg.inference.pipeline import Segmenter
-from pantherseg.inference.plan import PLAN_FILE, PlanError, load_plan, sha256_of
+from pantherseg.inference.plan import (
+    PLAN_FILE,
+    PlanError,
+    describe_test_time_mirroring,
+    load_plan,
+    sha256_of,
+)
 from training.export import ExportError, export_model
 from training.networks import build_network
 
@@ -192,6 +198,8 @@ def test_plan_card_and_the_exported_model_segment_a_phantom(tiny, tmp_path):
     assert "| n_cases | 4 |" in card  # counts as counts
     assert "| under 2 mL | 4 | 0.7123 | 0.6042 | 12.5000 | 3.2500 |" in card
     assert "Intended use" in card and "not a medical device" in card.lower()
+    mirroring = describe_test_time_mirroring(plan.inference)
+    assert f"\n- Test-time mirroring: {mirroring} (not measured: no cross-validation).\n" in card
 
     segmenter = Segmenter.from_model_dir(model, device="cpu")
     path = tiny.dataset.labelled[0].image

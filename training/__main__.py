@@ -778,7 +778,8 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    from training.model_card import CARD_FILE, record_evaluation
+    from pantherseg.inference.plan import CARD_FILE
+    from training.model_card import record_evaluation
 
     record_evaluation(args.model, args.evaluation, args.title, args.note or "")
     print(f"{args.model / CARD_FILE}: section '{args.title}' written")
@@ -786,6 +787,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_import_nnunet(args: argparse.Namespace) -> int:
+    from pantherseg.inference.plan import describe_test_time_mirroring
     from training.nnunet_import import ImportOptions, import_nnunet
 
     options = ImportOptions(
@@ -807,7 +809,7 @@ def cmd_import_nnunet(args: argparse.Namespace) -> int:
         f"imported {len(plan.inference.folds)} fold(s) into {args.out}: classes "
         f"{list(plan.inference.classes)}, patch {plan.inference.patch_size_zyx} at spacing "
         f"{plan.preprocessing.target_spacing_zyx} mm, test-time mirroring "
-        f"{'on' if plan.inference.test_time_mirroring else 'off'}, precision "
+        f"{describe_test_time_mirroring(plan.inference)}, precision "
         f"{plan.inference.precision}"
     )
     return 0

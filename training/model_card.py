@@ -22,13 +22,13 @@ import torch
 
 import pantherseg
 from pantherseg.inference.files import atomic_write_json, atomic_write_text
-from pantherseg.inference.plan import METADATA_FILE, Plan, all_folds
+from pantherseg.inference.plan import CARD_FILE, METADATA_FILE, Plan, all_folds
+from pantherseg.mirror_choice import mirroring_line
 from pantherseg.plan_upgrade import without_absolute_paths
 from pantherseg.scoring.metrics import CASE_MEAN_METRICS
 from training.config import TrainingConfig
 from training.records import MIRRORED_PREFIX
 
-CARD_FILE = "README.md"
 INTENDED_USE_HEADING = "## Intended use"
 # A recorded evaluation lies between these two lines of its section; recording it again replaces
 # only them and what lies between, so paragraphs written by hand after the end marker survive.
@@ -99,9 +99,8 @@ def write_model_card(
 - Network: {config.network.name}, {config.network.base_features} base features,
   {len(plan.inference.folds)} fold(s), patch {plan.inference.patch_size_zyx} at spacing
   {plan.preprocessing.target_spacing_zyx} mm (z, y, x); trained with mirroring on axes
-  {list(plan.inference.mirror_axes) or "none"}, test-time mirroring
-  {"on" if plan.inference.test_time_mirroring else "off"} ({_mirroring_reason(cv)});
-  precision on a GPU: {plan.inference.precision}.
+  {list(plan.inference.mirror_axes) or "none"}; precision on a GPU: {plan.inference.precision}.
+{mirroring_line(plan, _mirroring_reason(cv))}
 - Post-processing (chosen on out-of-fold predictions): threshold
   {plan.postprocessing.threshold}, minimum component {plan.postprocessing.min_component_mm3} mm^3,
   pancreas guidance {"on" if plan.postprocessing.pancreas_guidance.enabled else "off"},

@@ -30,6 +30,7 @@ import torch
 
 from pantherseg.inference.files import atomic_write_json, atomic_write_text
 from pantherseg.inference.plan import (
+    CARD_FILE,
     METADATA_FILE,
     OUTPUT_SOCKET,
     PLAN_FILE,
@@ -40,6 +41,7 @@ from pantherseg.inference.plan import (
     Postprocessing,
     Preprocessing,
     Resampling,
+    describe_test_time_mirroring,
     plan_from_json,
     save_plan,
     sha256_of,
@@ -52,7 +54,7 @@ from training.export import (
     parity_batches,
     removed_on_failure,
 )
-from training.model_card import CARD_FILE, INTENDED_USE_HEADING, _versions
+from training.model_card import INTENDED_USE_HEADING, _versions
 
 log = logging.getLogger("pantherseg.training")
 
@@ -523,8 +525,7 @@ def _write_model_card(plan: Plan, out: Path, source: dict[str, Any], export: dic
         f"- Inference as nnU-Net's: tiles at step {inference.tile_step} blended by a Gaussian, "
         f"logits resampled back; mirroring in training on axes "
         f"{list(inference.mirror_axes) or 'none'}, test-time mirroring "
-        f"{'on' if inference.test_time_mirroring else 'off'}; precision on a GPU: "
-        f"{inference.precision}.",
+        f"{describe_test_time_mirroring(inference)}; precision on a GPU: {inference.precision}.",
         f"- Post-processing: {decision}, minimum component {post.min_component_mm3} mm^3, "
         f"pancreas guidance {'on' if post.pancreas_guidance.enabled else 'off'}, never empty "
         f"{'on' if post.never_empty else 'off'}.",

@@ -31,6 +31,7 @@ from pantherseg.inference.plan import (
     fold_paths,
     load_plan,
     mirroring_letters_axes,
+    planned_test_time_axes,
 )
 from pantherseg.inference.postprocess import PostprocessReport, postprocess
 from pantherseg.inference.preprocess import (
@@ -159,11 +160,9 @@ def mirror_axes_to_use(inference: Inference, mirroring: str = "plan") -> tuple[i
             "test-time mirroring was asked for, but the plan lists no axes the network was "
             "trained to mirror (inference.mirror_axes)"
         )
-    if not wanted:
-        return ()
-    if mirroring == "plan" and inference.test_time_mirror_axes is not None:
-        return tuple(inference.test_time_mirror_axes)
-    return tuple(inference.mirror_axes)
+    if mirroring == "plan":
+        return planned_test_time_axes(inference)
+    return tuple(inference.mirror_axes) if wanted else ()
 
 
 class NetworkStage:

@@ -29,6 +29,7 @@ PLAN_FILE = "plan.json"
 # Beside the plan: the model card's file for programs (provenance, evaluations), never read by
 # inference.
 METADATA_FILE = "metadata.json"
+CARD_FILE = "README.md"  # the model card, for people; metadata.json is for programs
 TASK_SOCKETS = {"task1": "abdominal-t1-mri", "task2": "abdominal-t2-mri"}
 OUTPUT_SOCKET = "pancreatic-tumor-segmentation"
 # "none" passes intensities through as float32 (nnU-Net's NoNormalization).
@@ -144,6 +145,29 @@ class Inference:
     precision: str = "float32"
     stitching: str = "pantherseg"
     restore: str = "probabilities"
+
+
+def planned_test_time_axes(inference: Inference) -> tuple[int, ...]:
+    """The axes the plan's own test-time mirroring flips: none when it is off, the axes it names,
+    or every trained one."""
+    if not inference.test_time_mirroring:
+        return ()
+    if inference.test_time_mirror_axes is not None:
+        return tuple(inference.test_time_mirror_axes)
+    return tuple(inference.mirror_axes)
+
+
+def describe_test_time_mirroring(inference: Inference) -> str:
+    """The plan's test-time mirroring in words, as model cards and logs state it: "off" or, for
+    example, "on over z and x, 4 passes per tile"."""
+    axes = planned_test_time_axes(inference)
+    if not inference.test_time_mirroring:
+        return "off"
+    if not axes:
+        return "on, but the network was trained without flips (inference.mirror_axes is empty)"
+    letters = [AXIS_LETTERS[axis] for axis in axes]
+    words = letters[0] if len(letters) == 1 else f"{', '.join(letters[:-1])} and {letters[-1]}"
+    return f"on over {words}, {2 ** len(axes)} passes per tile"
 
 
 @dataclass(frozen=True)
