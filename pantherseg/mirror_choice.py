@@ -45,6 +45,7 @@ from pantherseg.inference.plan import (
     Plan,
     describe_test_time_mirroring,
     load_plan,
+    mirroring_letters_axes,
     save_plan,
 )
 from pantherseg.inference.sliding_window import Predictor, averaged
@@ -234,7 +235,7 @@ def applied(plan: Plan, chosen: str | None) -> Plan:
             plan.inference, test_time_mirroring=False, test_time_mirror_axes=None
         )
     else:
-        axes = tuple(sorted(AXIS_LETTERS.index(letter) for letter in chosen))
+        axes = mirroring_letters_axes(chosen)
         subset = None if set(axes) == set(plan.inference.mirror_axes) else axes
         inference = dataclasses.replace(
             plan.inference, test_time_mirroring=True, test_time_mirror_axes=subset

@@ -16,7 +16,7 @@ import torch
 import training.export as export_module
 import training.nnunet_import as nnunet_import
 from pantherseg.inference.engines import OnnxEngine
-from pantherseg.inference.plan import PLAN_FILE, PlanError, load_plan
+from pantherseg.inference.plan import PLAN_FILE, PlanError, describe_test_time_mirroring, load_plan
 from training.__main__ import main
 from training.export import ExportError, Parity
 from training.nnunet_import import (
@@ -226,6 +226,8 @@ def test_import_translates_the_plans_and_exports_every_fold(tmp_path):
     assert "dynamic_network_architectures" in metadata["versions"]
     card = (model / "README.md").read_text()
     assert FOLDER in card and "Dataset094_PantherTask1" in card and "Intended use" in card
+    mirroring = describe_test_time_mirroring(inf)
+    assert f"\n- Test-time mirroring: {mirroring} (as nnU-Net's predictor" in card
     for shipped in ("metadata.json", "README.md", PLAN_FILE):
         assert str(tmp_path) not in (model / shipped).read_text()
 

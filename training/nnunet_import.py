@@ -41,11 +41,11 @@ from pantherseg.inference.plan import (
     Postprocessing,
     Preprocessing,
     Resampling,
-    describe_test_time_mirroring,
     plan_from_json,
     save_plan,
     sha256_of,
 )
+from pantherseg.mirror_choice import mirroring_line
 from pantherseg.plan_upgrade import without_absolute_paths
 from training.config import ExportConfig
 from training.export import (
@@ -524,8 +524,8 @@ def _write_model_card(plan: Plan, out: Path, source: dict[str, Any], export: dic
         f"nnU-Net's transpose {pre.fixed_transpose}.",
         f"- Inference as nnU-Net's: tiles at step {inference.tile_step} blended by a Gaussian, "
         f"logits resampled back; mirroring in training on axes "
-        f"{list(inference.mirror_axes) or 'none'}, test-time mirroring "
-        f"{describe_test_time_mirroring(inference)}; precision on a GPU: {inference.precision}.",
+        f"{list(inference.mirror_axes) or 'none'}; precision on a GPU: {inference.precision}.",
+        mirroring_line(plan, "as nnU-Net's predictor, unless the import was told --no-mirroring"),
         f"- Post-processing: {decision}, minimum component {post.min_component_mm3} mm^3, "
         f"pancreas guidance {'on' if post.pancreas_guidance.enabled else 'off'}, never empty "
         f"{'on' if post.never_empty else 'off'}.",
