@@ -231,3 +231,32 @@ def test_cli_volume_bands_are_chosen_and_checked(dataset, tmp_path, capsys, monk
     assert main([*argv, "--out", str(bad), "--volume-bands", "5", "2"]) == 2
     assert "volume band edges must rise" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def strict_json(path: Path) -> dict:
+    """Parses as JavaScript or jq would: Python's NaN and Infinity are refused."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_summary_is_strict_json_when_no_case_has_a_tumor(tmp_path, capsys):
+    """Means over no tumor have no value: null in summary.json, nan on the terminal, and the
+    tumor-free case's false positive still counts in the burden RMSE."""
+    label = label_with_tumor()
+    label[label == 1] = 2  # pancreas only
+    write(tmp_path / "gt" / "10000_0001.mha", label)
+    false_positive = np.zeros(SHAPE_ZYX, np.uint8)
+    false_positive[4:6, 10:14, 10:14] = 1
+    write(tmp_path / "pred" / "10000_0001.mha", false_positive)
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    summary = strict_json(out / "summary.json")
+    means = summary["methods"]["pred"]["aggregates"]["zyx"]
+    assert [means[m] for m in ("dice", "surface_dice", "hd95", "masd")] == [None] * 4
+    assert means["n_without_tumor"] == 1
+    assert means["tumor_burden_rmse"] == pytest.approx(2 * 4 * 4 * 1.25 * 1.25 * 3.0)
+    assert "nan" in capsys.readouterr().out

@@ -190,3 +190,26 @@ def test_the_shipped_cards_can_be_recorded_again_without_losing_their_paragraphs
     after = (model / "README.md").read_text()
     assert after.endswith(RECORDED_END + kept) and "Again." in after
     assert after[:start] == before[:start]
+
+
+def test_a_mean_without_value_is_written_n_a(tmp_path):
+    """summary.json writes a mean over no tumor as null (strict JSON); the card says n/a."""
+    label = np.zeros((8, 16, 16), np.uint8)
+    label[2:6, 4:12, 4:12] = 2  # pancreas, no tumor
+    for folder, array in (("gt", label), ("pred", (label == 2).astype(np.uint8))):
+        (tmp_path / folder).mkdir()
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / folder / "10000_0001.mha"))
+    out = tmp_path / "evaluation"
+    argv = ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]
+    assert pantherseg_main([*argv, "--out", str(out), "--quiet"]) == 0
+    assert (
+        json.loads((out / "summary.json").read_text())["methods"]["pred"]["aggregates"]["zyx"][
+            "dice"
+        ]
+        is None
+    )
+    model = model_folder(tmp_path)
+    argv = ["card", "--model", str(model), "--evaluation", str(out / "summary.json")]
+    assert training_main([*argv, "--title", "Tumor-free"]) == 0
+    card = (model / "README.md").read_text()
+    assert "| dice | n/a |" in card and "| tumor_burden_rmse | 256.0000 |" in card

@@ -206,6 +206,11 @@ def test_without_a_dice_the_last_weights_are_the_best(tiny, tmp_path, monkeypatc
     result = train_fold(tiny.config, tiny.plan, train, val, tmp_path, device="cpu", progress=False)
     assert result.best_epoch == 0 and result.checkpoint.is_file()
     assert_same_weights(weights(result.checkpoint), weights(tmp_path / LAST_CHECKPOINT))
+    # history.json stays strict JSON (jq, JavaScript): no Dice is null, not Python's NaN.
+    history = json.loads(
+        (tmp_path / HISTORY_FILE).read_text(), parse_constant=lambda c: pytest.fail(c)
+    )
+    assert [h["val_dice"] for h in history] == [None] * len(history) and history
 
 
 def test_planned_epochs_fit_the_time_limit():

@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pantherseg.inference.files import atomic_write_text
+from pantherseg.inference.files import atomic_write_json, atomic_write_text
 from pantherseg.inference.plan import (
     PLAN_FILE,
     Localiser,
@@ -392,7 +392,7 @@ def _train_one(
     )
     summary = {**dataclasses.asdict(result), "checkpoint": str(result.checkpoint)}
     if _is_main_process():
-        atomic_write_text(work / f"fold_{fold}" / FOLD_RESULT, json.dumps(summary, indent=1) + "\n")
+        atomic_write_json(work / f"fold_{fold}" / FOLD_RESULT, summary, indent=1)
         print(
             f"fold {fold}: best validation Dice {result.best_dice:.4f} at epoch "
             f"{result.best_epoch} of {result.epochs_run}"

@@ -183,10 +183,11 @@ def _mirroring_reason(cv: dict[str, Any]) -> str:
     return "chosen on out-of-fold predictions"
 
 
-def _format(value: float | int) -> str:
+def _format(value: float | int | None) -> str:
     if isinstance(value, int):  # counts
         return str(value)
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
+    # None: a summary.json mean with no value (strict JSON writes NaN as null)
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def evaluation_section(summary: dict, title: str, note: str = "") -> str:

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pantherseg.inference.files import atomic_output, atomic_write_text
+from pantherseg.inference.files import atomic_output, atomic_write_json, atomic_write_text
 from pantherseg.inference.localise import grown_box
 from pantherseg.inference.pipeline import class_probabilities
 from pantherseg.inference.plan import Plan, sha256_of
@@ -908,7 +908,8 @@ class _FoldRun:
     def _report(self, record: dict, writer: SummaryWriter) -> None:
         """The epoch in the history file, the curves, TensorBoard and the log."""
         history = self.state["history"]
-        atomic_write_text(self.out_dir / HISTORY_FILE, json.dumps(history, indent=1))
+        # Strict JSON for plotting tools and jq: an epoch without a validation Dice has null.
+        atomic_write_json(self.out_dir / HISTORY_FILE, history, indent=1)
         plot_curves(history, self.out_dir / CURVES_FILE, f"fold {self.fold}")
         for key in ("train_loss", "val_dice", "val_hd95", "lr"):
             if not math.isnan(record[key]):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io as text_io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pantherseg.inference.files import atomic_write_text
+from pantherseg.inference.files import atomic_write_json, atomic_write_text
 from pantherseg.inference.io import (
     CHANNEL_SUFFIX,
     Geometry,
@@ -222,7 +221,8 @@ def case_rows(evaluations: Sequence[MethodEvaluation]) -> list[dict[str, object]
 def write_results(
     evaluations: Sequence[MethodEvaluation], out_dir: Path, tolerance_mm: float
 ) -> None:
-    """`metrics.csv` (per case) and `summary.json` (aggregates, problems, ranking) in `out_dir`."""
+    """`metrics.csv` (per case) and `summary.json` (aggregates, problems, ranking) in `out_dir`.
+    summary.json is strict JSON: a mean with no value (no case with a tumor) is null."""
     rows = case_rows(evaluations)
     buffer = text_io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -243,7 +243,7 @@ def write_results(
         },
         "ranking": rankings(evaluations),
     }
-    atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(Path(out_dir) / "summary.json", summary)
 
 
 def _fmt(value: float) -> str:
