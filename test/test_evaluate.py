@@ -259,4 +259,5 @@ def test_summary_is_strict_json_when_no_case_has_a_tumor(tmp_path, capsys):
     assert [means[m] for m in ("dice", "surface_dice", "hd95", "masd")] == [None] * 4
     assert means["n_without_tumor"] == 1
     assert means["tumor_burden_rmse"] == pytest.approx(2 * 4 * 4 * 1.25 * 1.25 * 3.0)
-    assert "nan" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "nan" in printed and "spacing convention zyx: no case has a tumor" in printed

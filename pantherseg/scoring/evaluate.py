@@ -289,6 +289,8 @@ def format_summary_table(evaluations: Sequence[MethodEvaluation], convention: st
 
 def format_volume_table(evaluations: Sequence[MethodEvaluation], convention: str) -> str:
     """Each method's means per band of true tumor volume."""
+    if not any(e.by_volume[convention] for e in evaluations):
+        return f"by true tumor volume, spacing convention {convention}: no case has a tumor"
     width = max(10, *(len(e.name) for e in evaluations)) + 2
     header = (
         f"{'method':<{width}}{'tumor volume':<16}{'cases':>6}{'dice':>8}{'sdice':>8}"
