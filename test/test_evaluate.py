@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from imaging import write_image
+from strict_json import read_strict_json
 
 from pantherseg.cli import main
 from pantherseg.scoring import evaluate, metrics
@@ -233,15 +234,6 @@ def test_cli_volume_bands_are_chosen_and_checked(dataset, tmp_path, capsys, monk
     assert not bad.exists()
 
 
-def strict_json(path: Path) -> dict:
-    """Parses as JavaScript or jq would: Python's NaN and Infinity are refused."""
-
-    def refuse(constant: str) -> None:
-        raise ValueError(f"{path}: {constant} is not JSON")
-
-    return json.loads(path.read_text(), parse_constant=refuse)
-
-
 def test_summary_is_strict_json_when_no_case_has_a_tumor(tmp_path, capsys):
     """Means over no tumor have no value: null in summary.json, nan on the terminal, and the
     tumor-free case's false positive still counts in the burden RMSE."""
@@ -254,7 +246,7 @@ def test_summary_is_strict_json_when_no_case_has_a_tumor(tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]
     assert main([*argv, "--out", str(out), "--quiet"]) == 0
-    summary = strict_json(out / "summary.json")
+    summary = read_strict_json(out / "summary.json")
     means = summary["methods"]["pred"]["aggregates"]["zyx"]
     assert [means[m] for m in ("dice", "surface_dice", "hd95", "masd")] == [None] * 4
     assert means["n_without_tumor"] == 1

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from strict_json import read_strict_json
 from training_fixtures import tiny_config, tiny_setup  # noqa: F401  (the `tiny` fixture)
 
 import training.export as export_module
@@ -128,8 +129,7 @@ def test_half_precision_overflow_is_infinite_and_keeps_float32(tiny, tmp_path):
     exported = export_model([path], config, tiny.plan, tmp_path / "model")
     assert exported.inference.precision == "float32"
     # metadata.json stays strict JSON, which has no Infinity: the figure is null there.
-    text = (tmp_path / "model" / "metadata.json").read_text(encoding="utf-8")
-    metadata = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    metadata = read_strict_json(tmp_path / "model" / "metadata.json")
     assert metadata["export"]["float16_max_relative_difference"] == {"fold_0.onnx": None}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from strict_json import read_strict_json
 
 from pantherseg.cli import main as pantherseg_main
 from pantherseg.phantoms.synthetic import write_dataset
@@ -202,12 +203,8 @@ def test_a_mean_without_value_is_written_n_a(tmp_path):
     out = tmp_path / "evaluation"
     argv = ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]
     assert pantherseg_main([*argv, "--out", str(out), "--quiet"]) == 0
-    assert (
-        json.loads((out / "summary.json").read_text())["methods"]["pred"]["aggregates"]["zyx"][
-            "dice"
-        ]
-        is None
-    )
+    summary = read_strict_json(out / "summary.json")
+    assert summary["methods"]["pred"]["aggregates"]["zyx"]["dice"] is None
     model = model_folder(tmp_path)
     argv = ["card", "--model", str(model), "--evaluation", str(out / "summary.json")]
     assert training_main([*argv, "--title", "Tumor-free"]) == 0

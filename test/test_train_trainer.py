@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from strict_json import read_strict_json
 from training_fixtures import tiny_config, tiny_setup  # noqa: F401  (the `tiny` fixture)
 
 import training.trainer as trainer_module
@@ -207,9 +208,7 @@ def test_without_a_dice_the_last_weights_are_the_best(tiny, tmp_path, monkeypatc
     assert result.best_epoch == 0 and result.checkpoint.is_file()
     assert_same_weights(weights(result.checkpoint), weights(tmp_path / LAST_CHECKPOINT))
     # history.json stays strict JSON (jq, JavaScript): no Dice is null, not Python's NaN.
-    history = json.loads(
-        (tmp_path / HISTORY_FILE).read_text(), parse_constant=lambda c: pytest.fail(c)
-    )
+    history = read_strict_json(tmp_path / HISTORY_FILE)
     assert [h["val_dice"] for h in history] == [None] * len(history) and history
 
 
